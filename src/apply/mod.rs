@@ -1,0 +1,4 @@
+//! `cvx apply`: execute a plan: fetch, unpack, install, receipts.
+
+pub mod fetch;
+pub mod unpack;
