@@ -1,4 +1,13 @@
 //! cvx: a declarative upgrade planner and Cosmovisor-compatible supervisor for Cosmos SDK nodes.
+//!
+//! Stages, one module each, data flowing one way (DESIGN §6): [`manifest`] and [`tree`] feed the
+//! pure [`plan`], which [`render`] shows and [`apply`] executes.
 
 pub mod apply;
+pub mod cli;
 pub mod hash;
+pub mod manifest;
+pub mod plan;
+pub mod receipt;
+pub mod render;
+pub mod tree;

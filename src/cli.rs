@@ -1,0 +1,274 @@
+//! The command line: argument definitions, and one `run` per command wiring the stages together.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::manifest::{self, Loaded, ManifestError, Problem};
+use crate::plan::{self, Plan, PlanInput};
+use crate::render::{self, Colors};
+use crate::tree::{self, InspectOptions, Layout, Tree, TreeError};
+
+/// Exit codes, the one table (README lists it too).
+pub mod exit {
+    /// Success; with `plan --detailed-exitcode`: nothing to do.
+    pub const OK: u8 = 0;
+    /// An error: invalid manifest, failed download, unusable tree, bad configuration.
+    pub const ERROR: u8 = 1;
+    /// `plan --detailed-exitcode` only: the manifest is valid and changes are pending.
+    pub const CHANGES: u8 = 2;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cvx",
+    version,
+    about = "Declarative upgrades for Cosmos SDK nodes: plan, stage and supervise binaries in a Cosmovisor tree",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the manifest and show what apply would change in the Cosmovisor tree.
+    Plan(PlanArgs),
+    /// Print the JSON Schema of the manifest (or of plan's JSON output).
+    Schema(SchemaArgs),
+}
+
+/// Options every command that reads a manifest takes.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// The manifest.
+    #[arg(short = 'm', long, env = "CVX_MANIFEST", default_value = "cvx.toml")]
+    pub manifest: PathBuf,
+    /// The node's home; else DAEMON_HOME, else the manifest's chain.home.
+    #[arg(long, env = "DAEMON_HOME", value_name = "DIR")]
+    pub home: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of the human rendering.
+    #[arg(long)]
+    pub json: bool,
+    /// More logs on stderr (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Exit 0 when there is nothing to do, 2 when changes are pending, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    /// Re-hash every staged file instead of trusting receipts.
+    #[arg(long)]
+    pub verify: bool,
+    /// Plan for this platform instead of the host's, e.g. linux/arm64.
+    #[arg(long, value_name = "OS/ARCH")]
+    pub platform: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SchemaArgs {
+    /// Which schema.
+    #[arg(value_enum, default_value = "manifest")]
+    pub which: SchemaKind,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum SchemaKind {
+    /// The manifest, cvx.toml.
+    Manifest,
+    /// The JSON document `cvx plan --json` prints.
+    Plan,
+}
+
+impl Command {
+    /// The log verbosity asked for: -1 quiet, 0 default, 1+ verbose.
+    pub fn verbosity(&self) -> i8 {
+        match self {
+            Command::Plan(a) if a.common.quiet => -1,
+            Command::Plan(a) => a.common.verbose as i8,
+            Command::Schema(_) => 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error("platform {platform} is not among the manifest's platforms ({declared})")]
+    Platform { platform: String, declared: String },
+    #[error("{name}={value:?} is not a boolean")]
+    EnvBool { name: &'static str, value: String },
+}
+
+impl Error {
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(exit::ERROR)
+    }
+
+    /// The obvious fix, when there is one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::Manifest(ManifestError::Read { path, .. }) => Some(format!(
+                "pass the manifest with -m PATH or CVX_MANIFEST (looked for {})",
+                path.display()
+            )),
+            Error::Manifest(ManifestError::Invalid { .. }) | Error::Tree(_) => None,
+            Error::Platform { .. } => Some("pass --platform os/arch for one the manifest declares, or add this one to chain.platforms".into()),
+            Error::EnvBool { .. } => Some("use true or false".into()),
+        }
+    }
+}
+
+/// Render an error for stderr: the message, its causes, the evidence and a hint.
+pub fn report(err: &Error, colors: Colors) -> String {
+    let mut out = String::new();
+    if let Error::Manifest(ManifestError::Invalid { path, text, problems }) = err {
+        for p in problems {
+            out.push_str(&problem_report(path, text, p, "error", colors));
+        }
+        out.push_str(&format!("{} {err}\n", colors.red("error:")));
+        return out;
+    }
+    out.push_str(&format!("{} {err}\n", colors.red("error:")));
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        out.push_str(&format!("  caused by: {c}\n"));
+        cause = c.source();
+    }
+    if let Some(hint) = err.hint() {
+        out.push_str(&format!("  {} {hint}\n", colors.bold("hint:")));
+    }
+    out
+}
+
+/// A manifest problem as a compiler would show it: location, message, the line, a caret, a hint.
+pub fn problem_report(path: &Path, source: &str, p: &Problem, level: &str, colors: Colors) -> String {
+    let label = if level == "error" {
+        colors.red("error:")
+    } else {
+        colors.yellow("warning:")
+    };
+    let mut out = format!("{label} {}:{p}\n", path.display());
+    if let Some(text) = source.lines().nth(p.line - 1) {
+        let gutter = p.line.to_string().len();
+        let width = source
+            .get(p.span.clone())
+            .map_or(1, |s| s.lines().next().unwrap_or("").chars().count().max(1));
+        out.push_str(&format!("{:gutter$} |\n{} | {text}\n", "", p.line));
+        out.push_str(&format!("{:gutter$} | {:pad$}{}\n", "", "", "^".repeat(width), pad = p.column - 1));
+    }
+    if let Some(hint) = &p.hint {
+        out.push_str(&format!("  {} {hint}\n", colors.bold("hint:")));
+    }
+    out
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Command::Plan(args) => run_plan(args),
+        Command::Schema(args) => {
+            print!("{}", schema(args.which));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The JSON Schema, as committed under `schemas/`.
+pub fn schema(which: SchemaKind) -> String {
+    match which {
+        SchemaKind::Manifest => render::json(&schemars::schema_for!(manifest::Manifest)),
+        SchemaKind::Plan => render::json(&schemars::schema_for!(Plan)),
+    }
+}
+
+/// The host's platform in Go's names, as manifests key binaries.
+pub fn host_platform() -> String {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    };
+    format!("{}/{arch}", std::env::consts::OS)
+}
+
+/// A Cosmovisor-style boolean: true/false in any case, or empty for false.
+pub fn env_bool(name: &'static str) -> Result<bool, Error> {
+    match std::env::var(name) {
+        Err(_) => Ok(false),
+        Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("false") => Ok(false),
+        Ok(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+        Ok(value) => Err(Error::EnvBool { name, value }),
+    }
+}
+
+/// The home in force: --home, else DAEMON_HOME (both through clap), else chain.home.
+fn home(common: &Common, loaded: &Loaded) -> Option<PathBuf> {
+    common.home.clone().or_else(|| loaded.manifest.chain.home.clone())
+}
+
+/// Compute the plan: manifest, then the tree, then the pure plan.
+pub fn compute_plan(common: &Common, platform: Option<&str>, verify: bool) -> Result<(Plan, Loaded), Error> {
+    let loaded = manifest::load(&common.manifest)?;
+    let manifest = &loaded.manifest;
+    let recase = !env_bool("COSMOVISOR_DISABLE_RECASE")?;
+    let platform = platform.map_or_else(host_platform, str::to_string);
+    let declared = manifest.platforms();
+    if !declared.contains(&platform) {
+        return Err(Error::Platform {
+            platform,
+            declared: declared.join(", "),
+        });
+    }
+    let home = home(common, &loaded);
+    let tree = match &home {
+        Some(home) => tree::inspect(
+            &Layout::new(home),
+            &InspectOptions {
+                verify,
+                managed: plan::managed_dirs(manifest, recase),
+            },
+        )?,
+        None => Tree::empty(None),
+    };
+    let warnings = loaded
+        .warnings
+        .iter()
+        .map(|w| format!("{}:{w}", loaded.path.display()))
+        .collect();
+    let input = PlanInput {
+        platform,
+        recase,
+        home,
+        warnings,
+    };
+    Ok((plan::plan(manifest, &tree, &input), loaded))
+}
+
+fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
+    let (plan, _) = compute_plan(&args.common, args.platform.as_deref(), args.verify)?;
+    if args.common.json {
+        print!("{}", render::json(&plan));
+    } else {
+        print!("{}", render::plan_human(&plan, Colors::for_stdout()));
+    }
+    let code = if args.detailed_exitcode && plan.has_changes() {
+        exit::CHANGES
+    } else {
+        exit::OK
+    };
+    Ok(ExitCode::from(code))
+}

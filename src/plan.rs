@@ -1,0 +1,433 @@
+//! The plan: a pure function of (manifest, observed tree, platform) saying what apply would do
+//! and why. It is the one place that decides; apply executes it and the renderers show it.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use crate::manifest::{Artifact, Manifest};
+use crate::tree::{self, Current, FileKind, StageDir, Tree, UpgradeInfo};
+
+/// Bumped when the JSON shape changes incompatibly.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Plan {
+    pub format_version: u32,
+    pub chain: String,
+    pub daemon: String,
+    pub platform: String,
+    /// `$DAEMON_HOME`, when known.
+    pub home: Option<PathBuf>,
+    /// Genesis first, then each upgrade of the manifest in order, then directories on disk that
+    /// the manifest does not name.
+    pub upgrades: Vec<StagePlan>,
+    pub current: CurrentPlan,
+    pub pending: PendingPlan,
+    pub warnings: Vec<String>,
+    pub summary: Summary,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StageAction {
+    /// Nothing staged yet.
+    Create,
+    /// Something staged, something to fetch or replace.
+    Replace,
+    Ok,
+    /// On disk, not in the manifest: left alone.
+    Unmanaged,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct StagePlan {
+    /// `genesis`, or the upgrade's on-chain name.
+    pub name: String,
+    /// Relative to `$DAEMON_HOME/cosmovisor`: `genesis` or `upgrades/<dir>`.
+    pub dir: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    pub action: StageAction,
+    /// True when `current` points here: apply replaces nothing here without `--force`.
+    pub current: bool,
+    pub artifacts: Vec<ArtifactPlan>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactKind {
+    Binary,
+    Library,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactState {
+    Missing,
+    /// Staged and proven to come from the pin (hash or receipt).
+    Ok,
+    /// Staged bytes differ from what the pin describes.
+    Mismatch,
+    /// Staged, but nothing proves it came from the pinned archive.
+    Unverified,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ArtifactAction {
+    Fetch,
+    Replace,
+    Ok,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ArtifactPlan {
+    pub kind: ArtifactKind,
+    pub url: String,
+    pub sha256: String,
+    /// For archives: the member to install.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    /// Relative to `$DAEMON_HOME/cosmovisor`, e.g. `upgrades/v26/bin/osmosisd`.
+    pub destination: String,
+    pub state: ArtifactState,
+    pub action: ArtifactAction,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkAction {
+    /// Create `current -> genesis`, as `cosmovisor init` does.
+    Create,
+    Ok,
+    /// Something is wrong that apply will not touch; see the reason.
+    Attention,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct CurrentPlan {
+    /// The link's target as found, if it is a link.
+    pub target: Option<String>,
+    /// The stage it points to: `genesis` or `upgrades/<dir>`.
+    pub stage: Option<String>,
+    pub action: LinkAction,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingState {
+    None,
+    Empty,
+    Partial,
+    Invalid,
+    Valid,
+}
+
+/// What `data/upgrade-info.json` says, and whether the supervisor could act on it.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct PendingPlan {
+    pub state: PendingState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+    /// The manifest names this upgrade.
+    pub in_manifest: bool,
+    /// `current` already points at its directory.
+    pub applied: bool,
+    /// Its binary is staged and verified for this platform.
+    pub binary_ready: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct Summary {
+    pub fetch: usize,
+    pub replace: usize,
+    pub ok: usize,
+    pub unmanaged: usize,
+}
+
+impl Plan {
+    /// Whether apply would change anything.
+    pub fn has_changes(&self) -> bool {
+        self.summary.fetch + self.summary.replace > 0 || self.current.action == LinkAction::Create
+    }
+}
+
+/// Everything the plan needs besides the manifest and the tree.
+#[derive(Debug, Clone)]
+pub struct PlanInput {
+    pub platform: String,
+    /// Lower-case plan names into directory names (Cosmovisor's default).
+    pub recase: bool,
+    pub home: Option<PathBuf>,
+    pub warnings: Vec<String>,
+}
+
+/// The tree directories the manifest names: `genesis` and `upgrades/<dir>` for each upgrade.
+pub fn managed_dirs(manifest: &Manifest, recase: bool) -> std::collections::BTreeSet<String> {
+    std::iter::once(tree::GENESIS.to_string())
+        .chain(manifest.upgrades.iter().map(|u| tree::upgrade_dir(&u.name, recase)))
+        .collect()
+}
+
+pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
+    let mut warnings = input.warnings.clone();
+    let platform = &input.platform;
+    let daemon = &manifest.chain.daemon;
+    let current_stage = match &tree.current {
+        Current::Link { stage, .. } => stage.clone(),
+        _ => None,
+    };
+    let empty = StageDir::default();
+
+    let stages = std::iter::once((
+        "genesis".to_string(),
+        tree::GENESIS.to_string(),
+        None,
+        manifest.genesis.version.clone(),
+        &manifest.genesis.binary,
+        &manifest.genesis.library,
+    ))
+    .chain(manifest.upgrades.iter().map(|u| {
+        (
+            u.name.clone(),
+            tree::upgrade_dir(&u.name, input.recase),
+            u.height,
+            u.version.clone(),
+            &u.binary,
+            &u.library,
+        )
+    }));
+
+    let mut upgrades = Vec::new();
+    for (name, dir, height, version, binary, library) in stages {
+        let on_disk = tree.stages.get(&dir).unwrap_or(&empty);
+        let mut artifacts = Vec::new();
+        if let Some(artifact) = binary.get(platform) {
+            let rel = format!("bin/{daemon}");
+            artifacts.push(artifact_plan(ArtifactKind::Binary, artifact, &dir, &rel, on_disk));
+        }
+        for lib in library.get(platform).into_iter().flatten() {
+            let as_artifact = Artifact {
+                url: lib.url.clone(),
+                sha256: lib.sha256.clone(),
+                path: None,
+            };
+            let rel = format!("lib/{}", lib.file_name());
+            artifacts.push(artifact_plan(ArtifactKind::Library, &as_artifact, &dir, &rel, on_disk));
+        }
+        let is_current = current_stage.as_deref() == Some(dir.as_str());
+        let action = if artifacts.iter().all(|a| a.action == ArtifactAction::Ok) {
+            StageAction::Ok
+        } else if artifacts.iter().all(|a| a.state == ArtifactState::Missing) {
+            StageAction::Create
+        } else {
+            StageAction::Replace
+        };
+        if is_current && artifacts.iter().any(|a| a.action == ArtifactAction::Replace) {
+            warnings.push(format!(
+                "{dir} is what `current` points to: apply will not replace the running binary without --force"
+            ));
+        }
+        upgrades.push(StagePlan {
+            name,
+            dir,
+            height,
+            version,
+            action,
+            current: is_current,
+            artifacts,
+        });
+    }
+
+    let managed: Vec<String> = upgrades.iter().map(|u| u.dir.clone()).collect();
+    for dir in tree.stages.keys().filter(|d| !managed.contains(d)) {
+        let name = dir.strip_prefix("upgrades/").unwrap_or(dir).to_string();
+        upgrades.push(StagePlan {
+            name,
+            dir: dir.clone(),
+            height: None,
+            version: None,
+            action: StageAction::Unmanaged,
+            current: current_stage.as_deref() == Some(dir.as_str()),
+            artifacts: Vec::new(),
+        });
+    }
+
+    let current = current_plan(&tree.current, &managed);
+    if current.action == LinkAction::Attention {
+        warnings.push(format!("current: {}", current.reason));
+    }
+    let pending = pending_plan(tree, &upgrades, current_stage.as_deref(), input.recase);
+
+    let mut summary = Summary::default();
+    for stage in &upgrades {
+        if stage.action == StageAction::Unmanaged {
+            summary.unmanaged += 1;
+        }
+        for a in &stage.artifacts {
+            match a.action {
+                ArtifactAction::Fetch => summary.fetch += 1,
+                ArtifactAction::Replace => summary.replace += 1,
+                ArtifactAction::Ok => summary.ok += 1,
+            }
+        }
+    }
+
+    Plan {
+        format_version: FORMAT_VERSION,
+        chain: manifest.chain.id.clone(),
+        daemon: daemon.clone(),
+        platform: platform.clone(),
+        home: input.home.clone(),
+        upgrades,
+        current,
+        pending,
+        warnings,
+        summary,
+    }
+}
+
+/// Looks like an archive by its name; the receipt is what proves an unpacked binary's origin.
+fn archive_by_name(url: &str) -> bool {
+    let name = crate::manifest::url_file_name(url).unwrap_or_default().to_ascii_lowercase();
+    [".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+fn artifact_plan(kind: ArtifactKind, artifact: &Artifact, dir: &str, rel: &str, on_disk: &StageDir) -> ArtifactPlan {
+    let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
+    let (state, reason) = match on_disk.files.get(rel) {
+        None => (ArtifactState::Missing, "not staged".to_string()),
+        Some(file) if file.kind != FileKind::Regular => (
+            ArtifactState::Mismatch,
+            format!("{} is not a regular file", rel),
+        ),
+        Some(file) => {
+            let staged = file.sha256.clone().unwrap_or_default();
+            match &file.receipt {
+                Some(r) if r.source_sha256 != artifact.sha256 => (
+                    ArtifactState::Mismatch,
+                    format!("pin changed: staged from sha256 {}…, pinned {}…", short(&r.source_sha256), short(&artifact.sha256)),
+                ),
+                Some(r) if r.sha256 != staged => (
+                    ArtifactState::Mismatch,
+                    format!("modified since staged: sha256 {}…, staged as {}…", short(&staged), short(&r.sha256)),
+                ),
+                Some(_) if file.from_receipt => (ArtifactState::Ok, "staged from the pin (receipt, file unchanged)".into()),
+                Some(_) => (ArtifactState::Ok, "staged from the pin (re-hashed)".into()),
+                None if staged == artifact.sha256 => (ArtifactState::Ok, "sha256 matches the pin".into()),
+                None if archive_by_name(&artifact.url) => (
+                    ArtifactState::Unverified,
+                    "staged without a receipt: nothing proves it came from the pinned archive".into(),
+                ),
+                None => (
+                    ArtifactState::Mismatch,
+                    format!("sha256 {}… differs from the pin {}…", short(&staged), short(&artifact.sha256)),
+                ),
+            }
+        }
+    };
+    let action = match state {
+        ArtifactState::Missing => ArtifactAction::Fetch,
+        ArtifactState::Ok => ArtifactAction::Ok,
+        ArtifactState::Mismatch | ArtifactState::Unverified => ArtifactAction::Replace,
+    };
+    ArtifactPlan {
+        kind,
+        url: artifact.url.clone(),
+        sha256: artifact.sha256.clone(),
+        member: artifact.path.clone(),
+        destination: format!("{dir}/{rel}"),
+        state,
+        action,
+        reason,
+    }
+}
+
+fn current_plan(current: &Current, managed: &[String]) -> CurrentPlan {
+    match current {
+        Current::Missing => CurrentPlan {
+            target: None,
+            stage: None,
+            action: LinkAction::Create,
+            reason: "missing: will point to genesis, as `cosmovisor init` does".into(),
+        },
+        Current::NotALink => CurrentPlan {
+            target: None,
+            stage: None,
+            action: LinkAction::Attention,
+            reason: "exists but is not a symlink; Cosmovisor and cvx need a link to genesis or upgrades/<dir>".into(),
+        },
+        Current::Link { target, stage, exists } => {
+            let (action, reason) = match stage {
+                _ if !exists => (LinkAction::Attention, format!("points to {target}, which does not exist")),
+                None => (LinkAction::Attention, format!("points to {target}, outside genesis and upgrades/")),
+                Some(s) if !managed.contains(s) => (LinkAction::Attention, format!("points to {s}, which the manifest does not name")),
+                Some(s) => (LinkAction::Ok, format!("points to {s}")),
+            };
+            CurrentPlan {
+                target: Some(target.clone()),
+                stage: stage.clone(),
+                action,
+                reason,
+            }
+        }
+    }
+}
+
+fn pending_plan(tree: &Tree, stages: &[StagePlan], current: Option<&str>, recase: bool) -> PendingPlan {
+    let none = |state, reason: String| PendingPlan {
+        state,
+        name: None,
+        height: None,
+        dir: None,
+        in_manifest: false,
+        applied: false,
+        binary_ready: false,
+        reason,
+    };
+    match &tree.upgrade_info {
+        UpgradeInfo::Missing => none(PendingState::None, "no data/upgrade-info.json".into()),
+        UpgradeInfo::Empty => none(PendingState::Empty, "data/upgrade-info.json is empty".into()),
+        UpgradeInfo::Partial { error } => none(PendingState::Partial, format!("data/upgrade-info.json is incomplete ({error}); the node may still be writing it")),
+        UpgradeInfo::Invalid { error } => none(PendingState::Invalid, format!("data/upgrade-info.json is not a valid plan: {error}")),
+        UpgradeInfo::Valid(info) => {
+            let dir = tree::upgrade_dir(&info.name, recase);
+            let stage = stages.iter().find(|s| s.dir == dir && s.action != StageAction::Unmanaged);
+            let applied = current == Some(dir.as_str());
+            let binary_ready = stage.is_some_and(|s| {
+                s.artifacts
+                    .iter()
+                    .any(|a| a.kind == ArtifactKind::Binary && a.state == ArtifactState::Ok)
+            });
+            let reason = match (applied, stage.is_some(), binary_ready) {
+                (true, _, _) => "already applied: current points to it".to_string(),
+                (false, false, _) => "not in the manifest: add it, or the node cannot continue after the halt".to_string(),
+                (false, true, true) => "binary staged and verified: ready to switch".to_string(),
+                (false, true, false) => "binary not staged: run cvx apply".to_string(),
+            };
+            PendingPlan {
+                state: PendingState::Valid,
+                name: Some(info.name.clone()),
+                height: Some(info.height),
+                dir: Some(dir),
+                in_manifest: stage.is_some(),
+                applied,
+                binary_ready,
+                reason,
+            }
+        }
+    }
+}

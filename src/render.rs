@@ -1,0 +1,160 @@
+//! Two renderers of one result value: for a person, and as one JSON document.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::plan::{ArtifactAction, LinkAction, PendingState, Plan, StageAction};
+
+/// ANSI colour, only when the output is a terminal and NO_COLOR is unset.
+#[derive(Debug, Clone, Copy)]
+pub struct Colors(pub bool);
+
+impl Colors {
+    pub fn for_stdout() -> Self {
+        use std::io::IsTerminal;
+        Colors(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+    }
+
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.0 {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_string()
+        }
+    }
+    pub fn green(self, t: &str) -> String {
+        self.paint("32", t)
+    }
+    pub fn yellow(self, t: &str) -> String {
+        self.paint("33", t)
+    }
+    pub fn red(self, t: &str) -> String {
+        self.paint("31", t)
+    }
+    pub fn dim(self, t: &str) -> String {
+        self.paint("2", t)
+    }
+    pub fn bold(self, t: &str) -> String {
+        self.paint("1", t)
+    }
+}
+
+/// One JSON document, pretty-printed, newline-terminated.
+pub fn json<T: Serialize>(value: &T) -> String {
+    let mut out = serde_json::to_string_pretty(value).expect("plain data always serializes");
+    out.push('\n');
+    out
+}
+
+/// The plan for a person: grouped by stage, one line per action with its reason.
+pub fn plan_human(plan: &Plan, c: Colors) -> String {
+    let mut out = String::new();
+    let home = match &plan.home {
+        Some(home) => home.display().to_string(),
+        None => "unknown (no --home, DAEMON_HOME or chain.home: planned against an empty tree)".into(),
+    };
+    let _ = writeln!(
+        out,
+        "{} {} ({}) on {}, home {}",
+        c.bold("chain"),
+        plan.chain,
+        plan.daemon,
+        plan.platform,
+        home
+    );
+    for stage in &plan.upgrades {
+        out.push('\n');
+        let mut title = if stage.action == StageAction::Unmanaged {
+            stage.dir.clone()
+        } else if stage.dir == crate::tree::GENESIS {
+            "genesis".to_string()
+        } else {
+            format!("upgrade {}", stage.name)
+        };
+        let mut details = Vec::new();
+        if let Some(h) = stage.height {
+            details.push(format!("height {h}"));
+        }
+        if let Some(v) = &stage.version {
+            details.push(v.clone());
+        }
+        if stage.dir != crate::tree::GENESIS && stage.action != StageAction::Unmanaged {
+            details.push(stage.dir.clone());
+        }
+        if stage.current {
+            details.push("current".into());
+        }
+        if !details.is_empty() {
+            let _ = write!(title, " ({})", details.join(", "));
+        }
+        let action = match stage.action {
+            StageAction::Create => c.green("create"),
+            StageAction::Replace => c.yellow("replace"),
+            StageAction::Ok => c.dim("ok"),
+            StageAction::Unmanaged => c.dim("unmanaged: on disk, not in the manifest; left alone"),
+        };
+        let _ = writeln!(out, "{}: {action}", c.bold(&title));
+        let width = stage
+            .artifacts
+            .iter()
+            .map(|a| a.destination.len() - stage.dir.len() - 1)
+            .max()
+            .unwrap_or(0);
+        for a in &stage.artifacts {
+            let rel = &a.destination[stage.dir.len() + 1..];
+            let verb = match a.action {
+                ArtifactAction::Fetch => c.green("+ fetch  "),
+                ArtifactAction::Replace => c.yellow("~ replace"),
+                ArtifactAction::Ok => c.dim("= ok     "),
+            };
+            let _ = writeln!(out, "  {verb} {rel:width$}  {}", a.reason);
+            if a.action != ArtifactAction::Ok {
+                let member = a.member.as_ref().map(|m| format!(" (member {m})")).unwrap_or_default();
+                let _ = writeln!(out, "  {:9} {:width$}  {}", "", "", c.dim(&format!("from {}{member}", a.url)));
+            }
+        }
+    }
+
+    out.push('\n');
+    let link = match plan.current.action {
+        LinkAction::Create => c.green("+ create -> genesis"),
+        LinkAction::Ok => c.dim("= ok"),
+        LinkAction::Attention => c.red("! attention"),
+    };
+    let _ = writeln!(out, "{} {link}  {}", c.bold("current:"), plan.current.reason);
+    let pending = &plan.pending;
+    let label = match (pending.state, &pending.name, pending.height) {
+        (PendingState::Valid, Some(name), Some(height)) => format!("{name} at height {height}"),
+        (PendingState::None, _, _) => "none".to_string(),
+        (state, _, _) => format!("{state:?}").to_lowercase(),
+    };
+    let _ = writeln!(out, "{} {label}  {}", c.bold("pending upgrade:"), pending.reason);
+
+    if !plan.warnings.is_empty() {
+        out.push('\n');
+        for w in &plan.warnings {
+            let _ = writeln!(out, "{} {w}", c.yellow("warning:"));
+        }
+    }
+
+    let s = plan.summary;
+    let mut parts = vec![
+        format!("{} to fetch", s.fetch),
+        format!("{} to replace", s.replace),
+        format!("{} ok", s.ok),
+    ];
+    if s.unmanaged > 0 {
+        parts.push(format!("{} unmanaged", s.unmanaged));
+    }
+    if plan.current.action == LinkAction::Create {
+        parts.push("current link to create".into());
+    }
+    let verdict = if plan.has_changes() {
+        c.yellow("changes pending")
+    } else {
+        c.green("nothing to do")
+    };
+    let _ = writeln!(out, "\n{} {}: {verdict}.", c.bold("Plan:"), parts.join(", "));
+    out
+}
