@@ -1,0 +1,8 @@
+//! Integration tests: the real `cvx` binary, in temp dirs, against real files and servers.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod ctx;
+mod manifest;
+mod plan;
