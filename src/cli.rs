@@ -5,6 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use std::sync::Arc;
+
+use crate::apply::{self, ApplyError, fetch::FetchOptions};
 use crate::manifest::{self, Loaded, ManifestError, Problem};
 use crate::plan::{self, Plan, PlanInput};
 use crate::render::{self, Colors};
@@ -36,6 +39,8 @@ pub struct Cli {
 pub enum Command {
     /// Validate the manifest and show what apply would change in the Cosmovisor tree.
     Plan(PlanArgs),
+    /// Download, verify and atomically stage every binary the plan needs.
+    Apply(ApplyArgs),
     /// Print the JSON Schema of the manifest (or of plan's JSON output).
     Schema(SchemaArgs),
 }
@@ -76,6 +81,37 @@ pub struct PlanArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Artifacts downloaded at once.
+    #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
+    /// Show what would change, in apply's JSON shape, and write nothing (Ansible check mode).
+    #[arg(long)]
+    pub check: bool,
+    /// Also replace files in the stage `current` points to (the binary a node may be running).
+    #[arg(long)]
+    pub force: bool,
+    /// How long to wait for another apply on the same tree to finish (Go syntax: 30s, 5m).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub lock_timeout: std::time::Duration,
+    /// Re-hash every staged file instead of trusting receipts.
+    #[arg(long)]
+    pub verify: bool,
+    /// Refuse artifacts larger than this many MiB.
+    #[arg(long, default_value_t = 4096, value_name = "MIB")]
+    pub max_size: u64,
+    /// Attempts after a transient failure (connection, timeout, 5xx) of one download.
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    crate::duration::parse(text)
+}
+
+#[derive(Debug, Args)]
 pub struct SchemaArgs {
     /// Which schema.
     #[arg(value_enum, default_value = "manifest")]
@@ -94,8 +130,13 @@ impl Command {
     /// The log verbosity asked for: -1 quiet, 0 default, 1+ verbose.
     pub fn verbosity(&self) -> i8 {
         match self {
-            Command::Plan(a) if a.common.quiet => -1,
-            Command::Plan(a) => a.common.verbose as i8,
+            Command::Plan(PlanArgs { common, .. }) | Command::Apply(ApplyArgs { common, .. }) => {
+                if common.quiet {
+                    -1
+                } else {
+                    common.verbose as i8
+                }
+            }
             Command::Schema(_) => 0,
         }
     }
@@ -111,6 +152,8 @@ pub enum Error {
     Platform { platform: String, declared: String },
     #[error("{name}={value:?} is not a boolean")]
     EnvBool { name: &'static str, value: String },
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
 }
 
 impl Error {
@@ -128,6 +171,9 @@ impl Error {
             Error::Manifest(ManifestError::Invalid { .. }) | Error::Tree(_) => None,
             Error::Platform { .. } => Some("pass --platform os/arch for one the manifest declares, or add this one to chain.platforms".into()),
             Error::EnvBool { .. } => Some("use true or false".into()),
+            Error::Apply(ApplyError::NoHome) => Some("pass --home DIR, set DAEMON_HOME, or set chain.home in the manifest".into()),
+            Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other apply to finish, or raise --lock-timeout".into()),
+            Error::Apply(_) => None,
         }
     }
 }
@@ -135,7 +181,12 @@ impl Error {
 /// Render an error for stderr: the message, its causes, the evidence and a hint.
 pub fn report(err: &Error, colors: Colors) -> String {
     let mut out = String::new();
-    if let Error::Manifest(ManifestError::Invalid { path, text, problems }) = err {
+    if let Error::Manifest(ManifestError::Invalid {
+        path,
+        text,
+        problems,
+    }) = err
+    {
         for p in problems {
             out.push_str(&problem_report(path, text, p, "error", colors));
         }
@@ -155,7 +206,13 @@ pub fn report(err: &Error, colors: Colors) -> String {
 }
 
 /// A manifest problem as a compiler would show it: location, message, the line, a caret, a hint.
-pub fn problem_report(path: &Path, source: &str, p: &Problem, level: &str, colors: Colors) -> String {
+pub fn problem_report(
+    path: &Path,
+    source: &str,
+    p: &Problem,
+    level: &str,
+    colors: Colors,
+) -> String {
     let label = if level == "error" {
         colors.red("error:")
     } else {
@@ -168,7 +225,13 @@ pub fn problem_report(path: &Path, source: &str, p: &Problem, level: &str, color
             .get(p.span.clone())
             .map_or(1, |s| s.lines().next().unwrap_or("").chars().count().max(1));
         out.push_str(&format!("{:gutter$} |\n{} | {text}\n", "", p.line));
-        out.push_str(&format!("{:gutter$} | {:pad$}{}\n", "", "", "^".repeat(width), pad = p.column - 1));
+        out.push_str(&format!(
+            "{:gutter$} | {:pad$}{}\n",
+            "",
+            "",
+            "^".repeat(width),
+            pad = p.column - 1
+        ));
     }
     if let Some(hint) = &p.hint {
         out.push_str(&format!("  {} {hint}\n", colors.bold("hint:")));
@@ -179,6 +242,7 @@ pub fn problem_report(path: &Path, source: &str, p: &Problem, level: &str, color
 pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Plan(args) => run_plan(args),
+        Command::Apply(args) => run_apply(args),
         Command::Schema(args) => {
             print!("{}", schema(args.which));
             Ok(ExitCode::SUCCESS)
@@ -217,12 +281,19 @@ pub fn env_bool(name: &'static str) -> Result<bool, Error> {
 
 /// The home in force: --home, else DAEMON_HOME (both through clap), else chain.home.
 fn home(common: &Common, loaded: &Loaded) -> Option<PathBuf> {
-    common.home.clone().or_else(|| loaded.manifest.chain.home.clone())
+    common
+        .home
+        .clone()
+        .or_else(|| loaded.manifest.chain.home.clone())
 }
 
-/// Compute the plan: manifest, then the tree, then the pure plan.
-pub fn compute_plan(common: &Common, platform: Option<&str>, verify: bool) -> Result<(Plan, Loaded), Error> {
-    let loaded = manifest::load(&common.manifest)?;
+/// Compute the plan: the tree under `home`, then the pure plan.
+pub fn compute_plan(
+    loaded: &Loaded,
+    home: Option<PathBuf>,
+    platform: Option<&str>,
+    verify: bool,
+) -> Result<Plan, Error> {
     let manifest = &loaded.manifest;
     let recase = !env_bool("COSMOVISOR_DISABLE_RECASE")?;
     let platform = platform.map_or_else(host_platform, str::to_string);
@@ -233,7 +304,6 @@ pub fn compute_plan(common: &Common, platform: Option<&str>, verify: bool) -> Re
             declared: declared.join(", "),
         });
     }
-    let home = home(common, &loaded);
     let tree = match &home {
         Some(home) => tree::inspect(
             &Layout::new(home),
@@ -255,11 +325,13 @@ pub fn compute_plan(common: &Common, platform: Option<&str>, verify: bool) -> Re
         home,
         warnings,
     };
-    Ok((plan::plan(manifest, &tree, &input), loaded))
+    Ok(plan::plan(manifest, &tree, &input))
 }
 
 fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
-    let (plan, _) = compute_plan(&args.common, args.platform.as_deref(), args.verify)?;
+    let loaded = manifest::load(&args.common.manifest)?;
+    let home = home(&args.common, &loaded);
+    let plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;
     if args.common.json {
         print!("{}", render::json(&plan));
     } else {
@@ -271,4 +343,61 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
         exit::OK
     };
     Ok(ExitCode::from(code))
+}
+
+fn run_apply(args: ApplyArgs) -> Result<ExitCode, Error> {
+    let loaded = manifest::load(&args.common.manifest)?;
+    let home = home(&args.common, &loaded).ok_or(ApplyError::NoHome)?;
+    let layout = Layout::new(&home);
+    let report = if args.check {
+        apply::check(&compute_plan(
+            &loaded,
+            Some(home.clone()),
+            None,
+            args.verify,
+        )?)
+    } else {
+        // Plan under the lock: what another apply staged meanwhile is seen, not redone.
+        let _lock = apply::lock(&layout, args.lock_timeout)?;
+        let plan = compute_plan(&loaded, Some(home.clone()), None, args.verify)?;
+        let options = apply::Options {
+            jobs: usize::from(args.jobs),
+            force: args.force,
+            fetch: FetchOptions {
+                max_size: args.max_size.saturating_mul(1 << 20),
+                retries: args.retries,
+                ..FetchOptions::default()
+            },
+        };
+        let reporter: Arc<dyn apply::Reporter> = {
+            use std::io::IsTerminal;
+            if args.common.json || args.common.quiet || !std::io::stderr().is_terminal() {
+                Arc::new(apply::Silent)
+            } else {
+                Arc::new(crate::progress::Bars::new())
+            }
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| ApplyError::Io {
+                action: "start the async runtime for",
+                path: home.clone(),
+                source,
+            })?;
+        runtime.block_on(apply::execute(&plan, &layout, &options, reporter))?
+    };
+    if args.common.json {
+        print!("{}", render::json(&report));
+    } else {
+        print!(
+            "{}",
+            render::apply_human(&report, args.check, Colors::for_stdout())
+        );
+    }
+    Ok(ExitCode::from(if report.failed {
+        exit::ERROR
+    } else {
+        exit::OK
+    }))
 }

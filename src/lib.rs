@@ -5,9 +5,11 @@
 
 pub mod apply;
 pub mod cli;
+pub mod duration;
 pub mod hash;
 pub mod manifest;
 pub mod plan;
+pub mod progress;
 pub mod receipt;
 pub mod render;
 pub mod tree;

@@ -11,7 +11,8 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(err) => {
             use std::io::IsTerminal;
-            let colors = Colors(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+            let colors =
+                Colors(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
             eprint!("{}", cli::report(&err, colors));
             err.exit_code()
         }

@@ -176,7 +176,12 @@ pub struct PlanInput {
 /// The tree directories the manifest names: `genesis` and `upgrades/<dir>` for each upgrade.
 pub fn managed_dirs(manifest: &Manifest, recase: bool) -> std::collections::BTreeSet<String> {
     std::iter::once(tree::GENESIS.to_string())
-        .chain(manifest.upgrades.iter().map(|u| tree::upgrade_dir(&u.name, recase)))
+        .chain(
+            manifest
+                .upgrades
+                .iter()
+                .map(|u| tree::upgrade_dir(&u.name, recase)),
+        )
         .collect()
 }
 
@@ -215,7 +220,13 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
         let mut artifacts = Vec::new();
         if let Some(artifact) = binary.get(platform) {
             let rel = format!("bin/{daemon}");
-            artifacts.push(artifact_plan(ArtifactKind::Binary, artifact, &dir, &rel, on_disk));
+            artifacts.push(artifact_plan(
+                ArtifactKind::Binary,
+                artifact,
+                &dir,
+                &rel,
+                on_disk,
+            ));
         }
         for lib in library.get(platform).into_iter().flatten() {
             let as_artifact = Artifact {
@@ -224,7 +235,13 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
                 path: None,
             };
             let rel = format!("lib/{}", lib.file_name());
-            artifacts.push(artifact_plan(ArtifactKind::Library, &as_artifact, &dir, &rel, on_disk));
+            artifacts.push(artifact_plan(
+                ArtifactKind::Library,
+                &as_artifact,
+                &dir,
+                &rel,
+                on_disk,
+            ));
         }
         let is_current = current_stage.as_deref() == Some(dir.as_str());
         let action = if artifacts.iter().all(|a| a.action == ArtifactAction::Ok) {
@@ -234,7 +251,11 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
         } else {
             StageAction::Replace
         };
-        if is_current && artifacts.iter().any(|a| a.action == ArtifactAction::Replace) {
+        if is_current
+            && artifacts
+                .iter()
+                .any(|a| a.action == ArtifactAction::Replace)
+        {
             warnings.push(format!(
                 "{dir} is what `current` points to: apply will not replace the running binary without --force"
             ));
@@ -300,13 +321,23 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
 
 /// Looks like an archive by its name; the receipt is what proves an unpacked binary's origin.
 fn archive_by_name(url: &str) -> bool {
-    let name = crate::manifest::url_file_name(url).unwrap_or_default().to_ascii_lowercase();
-    [".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip"]
-        .iter()
-        .any(|ext| name.ends_with(ext))
+    let name = crate::manifest::url_file_name(url)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    [
+        ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
+    ]
+    .iter()
+    .any(|ext| name.ends_with(ext))
 }
 
-fn artifact_plan(kind: ArtifactKind, artifact: &Artifact, dir: &str, rel: &str, on_disk: &StageDir) -> ArtifactPlan {
+fn artifact_plan(
+    kind: ArtifactKind,
+    artifact: &Artifact,
+    dir: &str,
+    rel: &str,
+    on_disk: &StageDir,
+) -> ArtifactPlan {
     let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
     let (state, reason) = match on_disk.files.get(rel) {
         None => (ArtifactState::Missing, "not staged".to_string()),
@@ -319,22 +350,40 @@ fn artifact_plan(kind: ArtifactKind, artifact: &Artifact, dir: &str, rel: &str, 
             match &file.receipt {
                 Some(r) if r.source_sha256 != artifact.sha256 => (
                     ArtifactState::Mismatch,
-                    format!("pin changed: staged from sha256 {}…, pinned {}…", short(&r.source_sha256), short(&artifact.sha256)),
+                    format!(
+                        "pin changed: staged from sha256 {}…, pinned {}…",
+                        short(&r.source_sha256),
+                        short(&artifact.sha256)
+                    ),
                 ),
                 Some(r) if r.sha256 != staged => (
                     ArtifactState::Mismatch,
-                    format!("modified since staged: sha256 {}…, staged as {}…", short(&staged), short(&r.sha256)),
+                    format!(
+                        "modified since staged: sha256 {}…, staged as {}…",
+                        short(&staged),
+                        short(&r.sha256)
+                    ),
                 ),
-                Some(_) if file.from_receipt => (ArtifactState::Ok, "staged from the pin (receipt, file unchanged)".into()),
+                Some(_) if file.from_receipt => (
+                    ArtifactState::Ok,
+                    "staged from the pin (receipt, file unchanged)".into(),
+                ),
                 Some(_) => (ArtifactState::Ok, "staged from the pin (re-hashed)".into()),
-                None if staged == artifact.sha256 => (ArtifactState::Ok, "sha256 matches the pin".into()),
+                None if staged == artifact.sha256 => {
+                    (ArtifactState::Ok, "sha256 matches the pin".into())
+                }
                 None if archive_by_name(&artifact.url) => (
                     ArtifactState::Unverified,
-                    "staged without a receipt: nothing proves it came from the pinned archive".into(),
+                    "staged without a receipt: nothing proves it came from the pinned archive"
+                        .into(),
                 ),
                 None => (
                     ArtifactState::Mismatch,
-                    format!("sha256 {}… differs from the pin {}…", short(&staged), short(&artifact.sha256)),
+                    format!(
+                        "sha256 {}… differs from the pin {}…",
+                        short(&staged),
+                        short(&artifact.sha256)
+                    ),
                 ),
             }
         }
@@ -387,7 +436,12 @@ fn current_plan(current: &Current, managed: &[String]) -> CurrentPlan {
     }
 }
 
-fn pending_plan(tree: &Tree, stages: &[StagePlan], current: Option<&str>, recase: bool) -> PendingPlan {
+fn pending_plan(
+    tree: &Tree,
+    stages: &[StagePlan],
+    current: Option<&str>,
+    recase: bool,
+) -> PendingPlan {
     let none = |state, reason: String| PendingPlan {
         state,
         name: None,
@@ -400,12 +454,25 @@ fn pending_plan(tree: &Tree, stages: &[StagePlan], current: Option<&str>, recase
     };
     match &tree.upgrade_info {
         UpgradeInfo::Missing => none(PendingState::None, "no data/upgrade-info.json".into()),
-        UpgradeInfo::Empty => none(PendingState::Empty, "data/upgrade-info.json is empty".into()),
-        UpgradeInfo::Partial { error } => none(PendingState::Partial, format!("data/upgrade-info.json is incomplete ({error}); the node may still be writing it")),
-        UpgradeInfo::Invalid { error } => none(PendingState::Invalid, format!("data/upgrade-info.json is not a valid plan: {error}")),
+        UpgradeInfo::Empty => none(
+            PendingState::Empty,
+            "data/upgrade-info.json is empty".into(),
+        ),
+        UpgradeInfo::Partial { error } => none(
+            PendingState::Partial,
+            format!(
+                "data/upgrade-info.json is incomplete ({error}); the node may still be writing it"
+            ),
+        ),
+        UpgradeInfo::Invalid { error } => none(
+            PendingState::Invalid,
+            format!("data/upgrade-info.json is not a valid plan: {error}"),
+        ),
         UpgradeInfo::Valid(info) => {
             let dir = tree::upgrade_dir(&info.name, recase);
-            let stage = stages.iter().find(|s| s.dir == dir && s.action != StageAction::Unmanaged);
+            let stage = stages
+                .iter()
+                .find(|s| s.dir == dir && s.action != StageAction::Unmanaged);
             let applied = current == Some(dir.as_str());
             let binary_ready = stage.is_some_and(|s| {
                 s.artifacts
@@ -414,7 +481,10 @@ fn pending_plan(tree: &Tree, stages: &[StagePlan], current: Option<&str>, recase
             });
             let reason = match (applied, stage.is_some(), binary_ready) {
                 (true, _, _) => "already applied: current points to it".to_string(),
-                (false, false, _) => "not in the manifest: add it, or the node cannot continue after the halt".to_string(),
+                (false, false, _) => {
+                    "not in the manifest: add it, or the node cannot continue after the halt"
+                        .to_string()
+                }
                 (false, true, true) => "binary staged and verified: ready to switch".to_string(),
                 (false, true, false) => "binary not staged: run cvx apply".to_string(),
             };

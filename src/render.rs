@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::apply::{Report, Status};
 use crate::plan::{ArtifactAction, LinkAction, PendingState, Plan, StageAction};
 
 /// ANSI colour, only when the output is a terminal and NO_COLOR is unset.
@@ -52,7 +53,9 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     let mut out = String::new();
     let home = match &plan.home {
         Some(home) => home.display().to_string(),
-        None => "unknown (no --home, DAEMON_HOME or chain.home: planned against an empty tree)".into(),
+        None => {
+            "unknown (no --home, DAEMON_HOME or chain.home: planned against an empty tree)".into()
+        }
     };
     let _ = writeln!(
         out,
@@ -110,8 +113,18 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
             };
             let _ = writeln!(out, "  {verb} {rel:width$}  {}", a.reason);
             if a.action != ArtifactAction::Ok {
-                let member = a.member.as_ref().map(|m| format!(" (member {m})")).unwrap_or_default();
-                let _ = writeln!(out, "  {:9} {:width$}  {}", "", "", c.dim(&format!("from {}{member}", a.url)));
+                let member = a
+                    .member
+                    .as_ref()
+                    .map(|m| format!(" (member {m})"))
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  {:9} {:width$}  {}",
+                    "",
+                    "",
+                    c.dim(&format!("from {}{member}", a.url))
+                );
             }
         }
     }
@@ -122,14 +135,24 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         LinkAction::Ok => c.dim("= ok"),
         LinkAction::Attention => c.red("! attention"),
     };
-    let _ = writeln!(out, "{} {link}  {}", c.bold("current:"), plan.current.reason);
+    let _ = writeln!(
+        out,
+        "{} {link}  {}",
+        c.bold("current:"),
+        plan.current.reason
+    );
     let pending = &plan.pending;
     let label = match (pending.state, &pending.name, pending.height) {
         (PendingState::Valid, Some(name), Some(height)) => format!("{name} at height {height}"),
         (PendingState::None, _, _) => "none".to_string(),
         (state, _, _) => format!("{state:?}").to_lowercase(),
     };
-    let _ = writeln!(out, "{} {label}  {}", c.bold("pending upgrade:"), pending.reason);
+    let _ = writeln!(
+        out,
+        "{} {label}  {}",
+        c.bold("pending upgrade:"),
+        pending.reason
+    );
 
     if !plan.warnings.is_empty() {
         out.push('\n');
@@ -155,6 +178,83 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     } else {
         c.green("nothing to do")
     };
-    let _ = writeln!(out, "\n{} {}: {verdict}.", c.bold("Plan:"), parts.join(", "));
+    let _ = writeln!(
+        out,
+        "\n{} {}: {verdict}.",
+        c.bold("Plan:"),
+        parts.join(", ")
+    );
     out
+}
+
+/// What apply did (or would do, with --check), one line per action that matters.
+pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
+    let mut out = String::new();
+    let (mut changed, mut unchanged, mut failed) = (0, 0, 0);
+    for a in &report.actions {
+        let what = if a.action == "link" {
+            "current -> genesis".to_string()
+        } else {
+            a.destination.clone()
+        };
+        match a.status {
+            Status::Unchanged => unchanged += 1,
+            Status::Changed => {
+                changed += 1;
+                let mut detail = a.size.map(human_size).unwrap_or_default();
+                if a.resumed {
+                    detail.push_str(", resumed");
+                }
+                let detail = if detail.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({detail})")
+                };
+                let verb = if a.action == "link" {
+                    "created"
+                } else {
+                    "staged "
+                };
+                let _ = writeln!(out, "{} {what}{detail}", c.green(&format!("+ {verb}")));
+            }
+            Status::WouldChange => {
+                changed += 1;
+                let _ = writeln!(
+                    out,
+                    "{} {what}  {}",
+                    c.yellow(&format!("~ would {:7}", a.action)),
+                    a.reason
+                );
+            }
+            Status::Failed => {
+                failed += 1;
+                let _ = writeln!(out, "{} {what}", c.red("! failed "));
+                for line in a.error.as_deref().unwrap_or("unknown error").lines() {
+                    let _ = writeln!(out, "    {line}");
+                }
+            }
+        }
+    }
+    let verdict = match (report.failed, report.changed, check) {
+        (true, _, _) => c.red("failed"),
+        (false, true, true) => c.yellow("changes pending"),
+        (false, true, false) => c.green("changed"),
+        (false, false, _) => c.green("nothing to do"),
+    };
+    let done = if check { "to change" } else { "changed" };
+    let _ = writeln!(
+        out,
+        "{} {changed} {done}, {unchanged} unchanged, {failed} failed: {verdict}.",
+        c.bold("Apply:")
+    );
+    out
+}
+
+fn human_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),
+        b if b >= 1 << 20 => format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20)),
+        b if b >= 1 << 10 => format!("{:.1} KiB", b as f64 / 1024.0),
+        b => format!("{b} B"),
+    }
 }

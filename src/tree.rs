@@ -64,7 +64,10 @@ pub fn upgrade_dir(name: &str, recase: bool) -> String {
     let mut out = String::with_capacity(name.len());
     for b in name.bytes() {
         let keep = b.is_ascii_alphanumeric()
-            || matches!(b, b'-' | b'_' | b'.' | b'~' | b'$' | b'&' | b'+' | b':' | b'=' | b'@');
+            || matches!(
+                b,
+                b'-' | b'_' | b'.' | b'~' | b'$' | b'&' | b'+' | b':' | b'=' | b'@'
+            );
         if keep {
             out.push(b as char);
         } else {
@@ -122,8 +125,12 @@ pub enum UpgradeInfo {
     Missing,
     Empty,
     /// Cut short: the node may be writing it right now (x/upgrade does not write atomically).
-    Partial { error: String },
-    Invalid { error: String },
+    Partial {
+        error: String,
+    },
+    Invalid {
+        error: String,
+    },
     Valid(PlanInfo),
 }
 
@@ -151,8 +158,16 @@ pub fn parse_upgrade_info(bytes: &[u8]) -> UpgradeInfo {
     }
     let raw: Raw = match serde_json::from_slice(bytes) {
         Ok(raw) => raw,
-        Err(e) if e.is_eof() => return UpgradeInfo::Partial { error: e.to_string() },
-        Err(e) => return UpgradeInfo::Invalid { error: e.to_string() },
+        Err(e) if e.is_eof() => {
+            return UpgradeInfo::Partial {
+                error: e.to_string(),
+            };
+        }
+        Err(e) => {
+            return UpgradeInfo::Invalid {
+                error: e.to_string(),
+            };
+        }
     };
     // x/upgrade writes int64 heights as numbers; proto-JSON writes them as strings.
     let height = match &raw.height {
@@ -266,7 +281,14 @@ pub fn inspect(layout: &Layout, options: &InspectOptions) -> Result<Tree, TreeEr
             let path = root.join(&stage).join(sub);
             let entries = match fs::read_dir(&path) {
                 Ok(entries) => entries,
-                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => return Err(read_err(&path)(e)),
             };
             for entry in entries {
@@ -309,7 +331,11 @@ pub fn inspect(layout: &Layout, options: &InspectOptions) -> Result<Tree, TreeEr
 
     for (stage, name, result) in hash_all(to_hash) {
         let (sha256, _) = result?;
-        if let Some(file) = tree.stages.get_mut(&stage).and_then(|d| d.files.get_mut(&name)) {
+        if let Some(file) = tree
+            .stages
+            .get_mut(&stage)
+            .and_then(|d| d.files.get_mut(&name))
+        {
             file.sha256 = Some(sha256);
         }
     }
@@ -330,12 +356,15 @@ fn hash_all(files: Vec<(String, String, PathBuf)>) -> Vec<(String, String, HashR
             scope.spawn(|| {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some((stage, name, path)) = files.get(i) else { break };
+                    let Some((stage, name, path)) = files.get(i) else {
+                        break;
+                    };
                     let result = crate::hash::sha256_file(path).map_err(read_err(path));
-                    results
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((stage.clone(), name.clone(), result));
+                    results.lock().unwrap_or_else(|e| e.into_inner()).push((
+                        stage.clone(),
+                        name.clone(),
+                        result,
+                    ));
                 }
             });
         }
@@ -389,11 +418,22 @@ mod tests {
     #[test]
     fn upgrade_info_states() {
         assert_eq!(parse_upgrade_info(b""), UpgradeInfo::Empty);
-        assert!(matches!(parse_upgrade_info(b"{\"name\":\"v2\",\"hei"), UpgradeInfo::Partial { .. }));
-        assert!(matches!(parse_upgrade_info(b"garbage"), UpgradeInfo::Invalid { .. }));
-        assert!(matches!(parse_upgrade_info(b"{\"height\":5}"), UpgradeInfo::Invalid { .. }));
+        assert!(matches!(
+            parse_upgrade_info(b"{\"name\":\"v2\",\"hei"),
+            UpgradeInfo::Partial { .. }
+        ));
+        assert!(matches!(
+            parse_upgrade_info(b"garbage"),
+            UpgradeInfo::Invalid { .. }
+        ));
+        assert!(matches!(
+            parse_upgrade_info(b"{\"height\":5}"),
+            UpgradeInfo::Invalid { .. }
+        ));
         assert_eq!(
-            parse_upgrade_info(br#"{"name":"v2","time":"0001-01-01T00:00:00Z","height":"7","info":"x"}"#),
+            parse_upgrade_info(
+                br#"{"name":"v2","time":"0001-01-01T00:00:00Z","height":"7","info":"x"}"#
+            ),
             UpgradeInfo::Valid(PlanInfo {
                 name: "v2".into(),
                 height: 7,

@@ -1,4 +1,470 @@
-//! `cvx apply`: execute a plan: fetch, unpack, install, receipts.
+//! `cvx apply`: execute a plan, and nothing else. Fetch each distinct pin once (in parallel),
+//! install it atomically at every destination that needs it, write receipts, and create the
+//! `current` link when it is missing. Failures are per artifact: the rest is still staged.
 
 pub mod fetch;
+pub mod install;
 pub mod unpack;
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, TryLockError};
+use std::io::{self, Read, Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::plan::{ArtifactAction, ArtifactKind, LinkAction, Plan};
+use crate::receipt::{self, FileIdentity, Receipt};
+use crate::tree::Layout;
+use fetch::{FetchError, FetchOptions};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Artifacts fetched at once.
+    pub jobs: usize,
+    /// Replace files in the stage `current` points to.
+    pub force: bool,
+    pub fetch: FetchOptions,
+}
+
+/// Turns artifact downloads into progress displays; the CLI decides whether anything is shown.
+pub trait Reporter: Send + Sync {
+    fn artifact(&self, destination: &str) -> Box<dyn fetch::Progress>;
+}
+
+/// Reports nothing (`--json`, `-q`, not a terminal).
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn artifact(&self, _destination: &str) -> Box<dyn fetch::Progress> {
+        Box::new(fetch::NoProgress)
+    }
+}
+
+/// What apply did (or, with `--check`, would do). Ansible reads this as JSON.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub changed: bool,
+    pub failed: bool,
+    pub actions: Vec<Action>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Already in place; nothing done.
+    Unchanged,
+    /// Staged (or the link created) by this run.
+    Changed,
+    /// `--check`: this run would change it.
+    WouldChange,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Action {
+    /// fetch, replace, ok (artifacts) or link (the `current` link).
+    pub action: &'static str,
+    /// Relative to `$DAEMON_HOME/cosmovisor`.
+    pub destination: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub status: Status,
+    /// Why the plan chose this action.
+    pub reason: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Bytes installed at the destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The download continued bytes kept from an interrupted run.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resumed: bool,
+}
+
+impl Report {
+    fn from_actions(actions: Vec<Action>) -> Self {
+        Report {
+            changed: actions
+                .iter()
+                .any(|a| matches!(a.status, Status::Changed | Status::WouldChange)),
+            failed: actions.iter().any(|a| a.status == Status::Failed),
+            actions,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no home: cvx apply needs to know where the Cosmovisor tree is")]
+    NoHome,
+    #[error("cannot {action} {}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the tree is locked by another cvx apply{} ({}); gave up after {}", holder.map(|p| format!(" (pid {p})")).unwrap_or_default(), path.display(), crate::duration::show(*waited))]
+    Locked {
+        path: PathBuf,
+        holder: Option<u32>,
+        waited: Duration,
+    },
+    #[error(transparent)]
+    Client(#[from] FetchError),
+}
+
+fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ApplyError {
+    let path = path.into();
+    move |source| ApplyError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Held while applying: two applies never interleave. Released when dropped (or the process dies).
+pub struct TreeLock {
+    _file: File,
+}
+
+/// Take the tree's lock, waiting up to `timeout` (saying so) while another apply holds it.
+pub fn lock(layout: &Layout, timeout: Duration) -> Result<TreeLock, ApplyError> {
+    let cvx = layout.cvx();
+    fs::create_dir_all(&cvx).map_err(io_err("create directory", &cvx))?;
+    let path = layout.lock();
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err("open lock file", &path))?;
+    let start = Instant::now();
+    let mut said = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(TryLockError::WouldBlock) => {
+                let holder = read_pid(&mut file);
+                if start.elapsed() >= timeout {
+                    return Err(ApplyError::Locked {
+                        path,
+                        holder,
+                        waited: start.elapsed(),
+                    });
+                }
+                if !said {
+                    tracing::warn!(
+                        "another cvx apply{} holds {}; waiting up to {}",
+                        holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                        path.display(),
+                        crate::duration::show(timeout)
+                    );
+                    said = true;
+                }
+                std::thread::sleep(
+                    Duration::from_millis(50).min(timeout.saturating_sub(start.elapsed())),
+                );
+            }
+            Err(TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+        }
+    }
+    // Record who holds it, for the message a waiting apply prints.
+    file.set_len(0).map_err(io_err("write", &path))?;
+    file.rewind().map_err(io_err("write", &path))?;
+    write!(file, "{}", std::process::id()).map_err(io_err("write", &path))?;
+    Ok(TreeLock { _file: file })
+}
+
+fn read_pid(file: &mut File) -> Option<u32> {
+    let mut text = String::new();
+    file.rewind().ok()?;
+    file.read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
+}
+
+/// The report `--check` gives: what apply would do, without doing it.
+pub fn check(plan: &Plan) -> Report {
+    let mut actions = artifact_actions(plan, |a| match a.action {
+        ArtifactAction::Ok => Status::Unchanged,
+        _ => Status::WouldChange,
+    });
+    if plan.current.action == LinkAction::Create {
+        actions.push(link_action(plan, Status::WouldChange, None));
+    }
+    Report::from_actions(actions)
+}
+
+fn artifact_actions(
+    plan: &Plan,
+    status: impl Fn(&crate::plan::ArtifactPlan) -> Status,
+) -> Vec<Action> {
+    plan.upgrades
+        .iter()
+        .flat_map(|s| &s.artifacts)
+        .map(|a| Action {
+            action: match a.action {
+                ArtifactAction::Fetch => "fetch",
+                ArtifactAction::Replace => "replace",
+                ArtifactAction::Ok => "ok",
+            },
+            destination: a.destination.clone(),
+            url: Some(a.url.clone()),
+            sha256: Some(a.sha256.clone()),
+            status: status(a),
+            reason: a.reason.clone(),
+            error: None,
+            size: None,
+            resumed: false,
+        })
+        .collect()
+}
+
+fn link_action(plan: &Plan, status: Status, error: Option<String>) -> Action {
+    Action {
+        action: "link",
+        destination: "current".into(),
+        url: None,
+        sha256: None,
+        status,
+        reason: plan.current.reason.clone(),
+        error,
+        size: None,
+        resumed: false,
+    }
+}
+
+/// One destination of a pinned artifact.
+#[derive(Debug, Clone)]
+struct Target {
+    index: usize,
+    destination: String,
+    member: Option<String>,
+    mode: u32,
+}
+
+/// Execute `plan` in the tree at `layout`. The caller holds the lock and computed the plan under it.
+pub async fn execute(
+    plan: &Plan,
+    layout: &Layout,
+    options: &Options,
+    reporter: Arc<dyn Reporter>,
+) -> Result<Report, ApplyError> {
+    let root = layout.root();
+    fs::create_dir_all(&root).map_err(io_err("create directory", &root))?;
+    let client = fetch::client(&options.fetch)?;
+    let mut actions = artifact_actions(plan, |_| Status::Unchanged);
+
+    // Group the work by pin: the same bytes are fetched once, wherever they go.
+    let mut groups: BTreeMap<String, (String, Vec<Target>)> = BTreeMap::new();
+    let artifacts = plan
+        .upgrades
+        .iter()
+        .flat_map(|s| s.artifacts.iter().map(move |a| (s, a)));
+    for (index, (stage, artifact)) in artifacts.enumerate() {
+        if artifact.action == ArtifactAction::Ok {
+            continue;
+        }
+        if stage.current && artifact.action == ArtifactAction::Replace && !options.force {
+            actions[index].status = Status::Failed;
+            actions[index].error = Some(format!(
+                "current points to {}: cvx does not replace the binary a node may be running without --force",
+                stage.dir
+            ));
+            continue;
+        }
+        let mode = match artifact.kind {
+            ArtifactKind::Binary => install::BINARY_MODE,
+            ArtifactKind::Library => install::LIBRARY_MODE,
+        };
+        groups
+            .entry(artifact.sha256.clone())
+            .or_insert_with(|| (artifact.url.clone(), Vec::new()))
+            .1
+            .push(Target {
+                index,
+                destination: artifact.destination.clone(),
+                member: artifact.member.clone(),
+                mode,
+            });
+    }
+
+    let semaphore = Arc::new(tokio::sync::Semaphore::new(options.jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (sha256, (url, targets)) in groups {
+        let client = client.clone();
+        let semaphore = semaphore.clone();
+        let layout = layout.clone();
+        let daemon = plan.daemon.clone();
+        let fetch_options = options.fetch.clone();
+        let reporter = reporter.clone();
+        tasks.spawn(async move {
+            let _permit = semaphore
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let progress = reporter.artifact(&targets[0].destination);
+            let fetched = fetch::fetch(
+                &client,
+                &url,
+                &sha256,
+                &layout.partial(),
+                &fetch_options,
+                progress.as_ref(),
+            )
+            .await;
+            match fetched {
+                Ok(fetched) => tokio::task::spawn_blocking(move || {
+                    install_all(&layout, &fetched, &url, &sha256, &daemon, &targets)
+                })
+                .await
+                .expect("install does not panic"),
+                Err(e) => {
+                    let message = error_chain(&e);
+                    targets
+                        .iter()
+                        .map(|t| (t.index, Err(message.clone())))
+                        .collect::<Vec<TargetResult>>()
+                }
+            }
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        for (index, result) in joined.expect("apply tasks do not panic") {
+            match result {
+                Ok((size, resumed)) => {
+                    actions[index].status = Status::Changed;
+                    actions[index].size = Some(size);
+                    actions[index].resumed = resumed;
+                }
+                Err(message) => {
+                    actions[index].status = Status::Failed;
+                    actions[index].error = Some(message);
+                }
+            }
+        }
+    }
+
+    if plan.current.action == LinkAction::Create {
+        // Like `cosmovisor init`: the link goes in once the genesis binary is there.
+        let genesis: Vec<_> = actions
+            .iter()
+            .filter(|a| a.destination.starts_with("genesis/bin/"))
+            .collect();
+        let genesis_ready =
+            !genesis.is_empty() && genesis.iter().all(|a| a.status != Status::Failed);
+        let action = if genesis_ready {
+            match create_current(layout) {
+                Ok(()) => link_action(plan, Status::Changed, None),
+                Err(e) => link_action(plan, Status::Failed, Some(error_chain(&e))),
+            }
+        } else {
+            link_action(
+                plan,
+                Status::Failed,
+                Some("the genesis binary is not staged; current was not created".into()),
+            )
+        };
+        actions.push(action);
+    }
+    Ok(Report::from_actions(actions))
+}
+
+type TargetResult = (usize, Result<(u64, bool), String>);
+
+/// Install a verified download at each of its destinations, with receipts; then drop it.
+fn install_all(
+    layout: &Layout,
+    fetched: &fetch::Fetched,
+    url: &str,
+    sha256: &str,
+    daemon: &str,
+    targets: &[Target],
+) -> Vec<TargetResult> {
+    let root = layout.root();
+    let receipts = layout.receipts();
+    let aside = layout.cvx().join("replaced");
+    let mut results = Vec::new();
+    for target in targets {
+        let dest = root.join(&target.destination);
+        let source = install::Source {
+            file: &fetched.path,
+            url,
+            sha256,
+            member: target.member.as_deref(),
+            daemon,
+            consume: targets.len() == 1,
+        };
+        let result = receipt::remove(&receipts, &target.destination)
+            .map_err(|e| {
+                format!(
+                    "cannot remove the old receipt of {}: {e}",
+                    target.destination
+                )
+            })
+            .and_then(|()| {
+                install::install(&source, &dest, target.mode, &aside).map_err(|e| error_chain(&e))
+            })
+            .and_then(|installed| {
+                let meta = fs::metadata(&dest)
+                    .map_err(|e| format!("cannot inspect {}: {e}", dest.display()))?;
+                let receipt = Receipt {
+                    path: target.destination.clone(),
+                    sha256: installed.sha256,
+                    size: installed.size,
+                    source_url: url.to_string(),
+                    source_sha256: sha256.to_string(),
+                    member: installed.member,
+                    identity: FileIdentity::of(&meta),
+                };
+                receipt::write(&receipts, &receipt).map_err(|e| {
+                    format!("cannot write the receipt of {}: {e}", target.destination)
+                })?;
+                tracing::info!("staged {} from {url}", target.destination);
+                Ok((installed.size, fetched.resumed))
+            });
+        results.push((target.index, result));
+    }
+    // Verified bytes that were unpacked or copied are not needed any more.
+    if let Err(e) = fs::remove_file(&fetched.path)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!("cannot remove {}: {e}", fetched.path.display());
+    }
+    results
+}
+
+/// `current -> genesis`, relative as Cosmovisor writes it: made under a temp name, renamed over.
+fn create_current(layout: &Layout) -> Result<(), ApplyError> {
+    let tmp = layout
+        .root()
+        .join(format!(".current-{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(crate::tree::GENESIS, &tmp).map_err(io_err("create link", &tmp))?;
+    let current = layout.current();
+    fs::rename(&tmp, &current).map_err(io_err("move into place", &current))?;
+    File::open(layout.root())
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("sync directory", layout.root()))
+}
+
+/// An error and its causes on one line, for per-action reports.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    message
+}

@@ -19,7 +19,10 @@ pub use read::parse;
 /// A manifest as validated: the public key names of DESIGN §2, exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
-#[schemars(title = "cvx manifest", description = "One Cosmos SDK chain: its daemon, its genesis binary and its expected upgrades, each pinned by sha256 for every platform.")]
+#[schemars(
+    title = "cvx manifest",
+    description = "One Cosmos SDK chain: its daemon, its genesis binary and its expected upgrades, each pinned by sha256 for every platform."
+)]
 pub struct Manifest {
     pub chain: Chain,
     pub genesis: Genesis,

@@ -96,7 +96,10 @@ fn type_name(value: &DeValue<'_>) -> &'static str {
 fn lookup<'t, 'i>(
     table: &'t DeTable<'i>,
     key: &str,
-) -> Option<(&'t Spanned<std::borrow::Cow<'i, str>>, &'t Spanned<DeValue<'i>>)> {
+) -> Option<(
+    &'t Spanned<std::borrow::Cow<'i, str>>,
+    &'t Spanned<DeValue<'i>>,
+)> {
     table.iter().find(|(k, _)| k.get_ref().as_ref() == key)
 }
 
@@ -109,7 +112,9 @@ fn distance(a: &str, b: &str) -> usize {
         row[0] = i + 1;
         for (j, cb) in b.iter().enumerate() {
             let here = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(here + 1);
+            row[j + 1] = (prev + usize::from(ca != *cb))
+                .min(row[j] + 1)
+                .min(here + 1);
             prev = here;
         }
     }
@@ -189,7 +194,10 @@ impl<'s> Walker<'s> {
                 .filter(|k| distance(name, k) <= 2)
                 .min_by_key(|k| distance(name, k));
             let hint = match close {
-                Some(k) => format!("did you mean `{k}`? valid keys here: {}", allowed.join(", ")),
+                Some(k) => format!(
+                    "did you mean `{k}`? valid keys here: {}",
+                    allowed.join(", ")
+                ),
                 None => format!("valid keys here: {}", allowed.join(", ")),
             };
             let where_ = if at.key.is_empty() {
@@ -206,7 +214,11 @@ impl<'s> Walker<'s> {
         }
     }
 
-    fn table<'t, 'i>(&mut self, value: &'t Spanned<DeValue<'i>>, at: &At) -> Option<&'t DeTable<'i>> {
+    fn table<'t, 'i>(
+        &mut self,
+        value: &'t Spanned<DeValue<'i>>,
+        at: &At,
+    ) -> Option<&'t DeTable<'i>> {
         match value.get_ref() {
             DeValue::Table(table) => Some(table),
             other => {
@@ -310,13 +322,28 @@ impl<'s> Walker<'s> {
 
     fn chain(&mut self, table: &DeTable<'_>, at: &At) -> (Chain, ChainSpans) {
         self.known_keys(table, at, CHAIN_KEYS);
-        let id = self.string(table, at, "id", Some("set id to the chain-id, e.g. id = \"osmosis-1\""));
+        let id = self.string(
+            table,
+            at,
+            "id",
+            Some("set id to the chain-id, e.g. id = \"osmosis-1\""),
+        );
         if let Some((id, span)) = &id
             && id.trim().is_empty()
         {
-            self.error(span.clone(), "chain.id", "chain id is empty", Some("set the chain-id, e.g. \"osmosis-1\"".into()));
+            self.error(
+                span.clone(),
+                "chain.id",
+                "chain id is empty",
+                Some("set the chain-id, e.g. \"osmosis-1\"".into()),
+            );
         }
-        let daemon = self.string(table, at, "daemon", Some("set daemon to the binary's name, e.g. daemon = \"osmosisd\""));
+        let daemon = self.string(
+            table,
+            at,
+            "daemon",
+            Some("set daemon to the binary's name, e.g. daemon = \"osmosisd\""),
+        );
         if let Some((daemon, span)) = &daemon
             && let Some(why) = unsafe_name(daemon)
         {
@@ -349,7 +376,12 @@ impl<'s> Walker<'s> {
                             DeValue::String(s) => {
                                 if let Some(p) = self.platform(s, item.span(), "chain.platforms") {
                                     if platforms.contains(&p) {
-                                        self.error(item.span(), "chain.platforms", format!("platform {p:?} is listed twice"), None);
+                                        self.error(
+                                            item.span(),
+                                            "chain.platforms",
+                                            format!("platform {p:?} is listed twice"),
+                                            None,
+                                        );
                                     } else {
                                         platforms.push(p);
                                     }
@@ -358,7 +390,10 @@ impl<'s> Walker<'s> {
                             other => self.error(
                                 item.span(),
                                 "chain.platforms",
-                                format!("expected a string such as \"linux/amd64\", found {}", type_name(other)),
+                                format!(
+                                    "expected a string such as \"linux/amd64\", found {}",
+                                    type_name(other)
+                                ),
                                 None,
                             ),
                         }
@@ -370,7 +405,10 @@ impl<'s> Walker<'s> {
                 other => self.error(
                     value.span(),
                     "chain.platforms",
-                    format!("expected an array of \"os/arch\" strings, found {}", type_name(other)),
+                    format!(
+                        "expected an array of \"os/arch\" strings, found {}",
+                        type_name(other)
+                    ),
                     None,
                 ),
             }
@@ -381,13 +419,22 @@ impl<'s> Walker<'s> {
             home: home.map(|(h, _)| PathBuf::from(h)),
             platforms,
         };
-        (chain, ChainSpans { platforms: platforms_span })
+        (
+            chain,
+            ChainSpans {
+                platforms: platforms_span,
+            },
+        )
     }
 
     /// Check an "os/arch" string; `None` (reported) when malformed.
     fn platform(&mut self, platform: &str, span: Span, key: &str) -> Option<String> {
         let ok = platform.split_once('/').is_some_and(|(os, arch)| {
-            let part = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+            let part = |s: &str| {
+                !s.is_empty()
+                    && s.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            };
             part(os) && part(arch)
         });
         if ok {
@@ -444,7 +491,10 @@ impl<'s> Walker<'s> {
             self.error(
                 value.span(),
                 "upgrade",
-                format!("expected an array of tables ([[upgrade]]), found {}", type_name(value.get_ref())),
+                format!(
+                    "expected an array of tables ([[upgrade]]), found {}",
+                    type_name(value.get_ref())
+                ),
                 Some("write each upgrade as a [[upgrade]] section".into()),
             );
             return Vec::new();
@@ -471,7 +521,12 @@ impl<'s> Walker<'s> {
 
     fn upgrade(&mut self, table: &DeTable<'_>, at: &At) -> (Upgrade, StageSpans) {
         self.known_keys(table, at, UPGRADE_KEYS);
-        let name = self.string(table, at, "name", Some("set name to the on-chain plan name, e.g. name = \"v26\""));
+        let name = self.string(
+            table,
+            at,
+            "name",
+            Some("set name to the on-chain plan name, e.g. name = \"v26\""),
+        );
         if let Some((name, span)) = &name
             && let Some(why) = unsafe_name(name)
         {
@@ -494,7 +549,15 @@ impl<'s> Walker<'s> {
                         }
                     },
                     other => {
-                        self.error(value.span(), &key, format!("expected an integer block height, found {}", type_name(other)), None);
+                        self.error(
+                            value.span(),
+                            &key,
+                            format!(
+                                "expected an integer block height, found {}",
+                                type_name(other)
+                            ),
+                            None,
+                        );
                         None
                     }
                 }
@@ -524,13 +587,20 @@ impl<'s> Walker<'s> {
     }
 
     /// `binary."os/arch" = { url, sha256, path }`, required.
-    fn binaries(&mut self, table: &DeTable<'_>, at: &At) -> (BTreeMap<String, Artifact>, Option<PlatformSpans>) {
+    fn binaries(
+        &mut self,
+        table: &DeTable<'_>,
+        at: &At,
+    ) -> (BTreeMap<String, Artifact>, Option<PlatformSpans>) {
         let Some((key, value)) = lookup(table, "binary") else {
             self.error(
                 at.span.clone(),
                 &at.child("binary", 0..0).key,
                 "missing required key `binary`",
-                Some("add binary.\"linux/amd64\" = { url = \"https://...\", sha256 = \"...\" }".into()),
+                Some(
+                    "add binary.\"linux/amd64\" = { url = \"https://...\", sha256 = \"...\" }"
+                        .into(),
+                ),
             );
             return (BTreeMap::new(), None);
         };
@@ -559,7 +629,10 @@ impl<'s> Walker<'s> {
                 value.span(),
                 &binary_at.key,
                 "no binary is pinned",
-                Some("add binary.\"linux/amd64\" = { url = \"https://...\", sha256 = \"...\" }".into()),
+                Some(
+                    "add binary.\"linux/amd64\" = { url = \"https://...\", sha256 = \"...\" }"
+                        .into(),
+                ),
             );
         }
         (binaries, Some(spans))
@@ -588,9 +661,16 @@ impl<'s> Walker<'s> {
     }
 
     fn url(&mut self, table: &DeTable<'_>, at: &At) -> Option<String> {
-        let (url, span) = self.string(table, at, "url", Some("set url to where the file is served, e.g. url = \"https://...\""))?;
+        let (url, span) = self.string(
+            table,
+            at,
+            "url",
+            Some("set url to where the file is served, e.g. url = \"https://...\""),
+        )?;
         let key = at.child("url", 0..0).key;
-        let hint = Some("use https://..., http://..., file:///absolute/path or /absolute/path".to_string());
+        let hint = Some(
+            "use https://..., http://..., file:///absolute/path or /absolute/path".to_string(),
+        );
         if url.starts_with('/') {
             return Some(url);
         }
@@ -612,26 +692,44 @@ impl<'s> Walker<'s> {
                     None
                 }
                 scheme => {
-                    self.error(span, &key, format!("URL scheme `{scheme}` is not supported"), hint);
+                    self.error(
+                        span,
+                        &key,
+                        format!("URL scheme `{scheme}` is not supported"),
+                        hint,
+                    );
                     None
                 }
             },
             Err(e) => {
-                self.error(span, &key, format!("{url:?} is neither a URL nor an absolute path: {e}"), hint);
+                self.error(
+                    span,
+                    &key,
+                    format!("{url:?} is neither a URL nor an absolute path: {e}"),
+                    hint,
+                );
                 None
             }
         }
     }
 
     fn sha256(&mut self, table: &DeTable<'_>, at: &At) -> Option<String> {
-        let (sha, span) = self.string(table, at, "sha256", Some("pin the artifact: sha256 = \"<64 hex digits>\" (sha256sum FILE)"))?;
+        let (sha, span) = self.string(
+            table,
+            at,
+            "sha256",
+            Some("pin the artifact: sha256 = \"<64 hex digits>\" (sha256sum FILE)"),
+        )?;
         if sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()) {
             Some(sha.to_ascii_lowercase())
         } else {
             self.error(
                 span,
                 &at.child("sha256", 0..0).key,
-                format!("sha256 {sha:?} is not 64 hex digits ({} characters)", sha.chars().count()),
+                format!(
+                    "sha256 {sha:?} is not 64 hex digits ({} characters)",
+                    sha.chars().count()
+                ),
                 Some("paste the full digest that `sha256sum FILE` prints".into()),
             );
             None
@@ -639,7 +737,11 @@ impl<'s> Walker<'s> {
     }
 
     /// `library."os/arch" = [ { url, sha256, name } ]`, optional.
-    fn libraries(&mut self, table: &DeTable<'_>, at: &At) -> (BTreeMap<String, Vec<Library>>, Option<PlatformSpans>) {
+    fn libraries(
+        &mut self,
+        table: &DeTable<'_>,
+        at: &At,
+    ) -> (BTreeMap<String, Vec<Library>>, Option<PlatformSpans>) {
         let mut libraries = BTreeMap::new();
         let Some((key, value)) = lookup(table, "library") else {
             return (libraries, None);
@@ -661,8 +763,14 @@ impl<'s> Walker<'s> {
                 self.error(
                     value.span(),
                     &p_at.key,
-                    format!("expected an array of libraries, found {}", type_name(value.get_ref())),
-                    Some("write library.\"linux/amd64\" = [ { url = \"...\", sha256 = \"...\" } ]".into()),
+                    format!(
+                        "expected an array of libraries, found {}",
+                        type_name(value.get_ref())
+                    ),
+                    Some(
+                        "write library.\"linux/amd64\" = [ { url = \"...\", sha256 = \"...\" } ]"
+                            .into(),
+                    ),
                 );
                 continue;
             };
@@ -672,7 +780,9 @@ impl<'s> Walker<'s> {
                     key: format!("{}[{i}]", p_at.key),
                     span: item.span(),
                 };
-                let Some(t) = self.table(item, &item_at) else { continue };
+                let Some(t) = self.table(item, &item_at) else {
+                    continue;
+                };
                 self.known_keys(t, &item_at, LIBRARY_KEYS);
                 let url = self.url(t, &item_at);
                 let sha256 = self.sha256(t, &item_at);
@@ -684,12 +794,30 @@ impl<'s> Walker<'s> {
                 };
                 if let Some((file_name, span)) = &file_name {
                     if let Some(why) = unsafe_name(file_name) {
-                        self.error(span.clone(), &format!("{}.name", item_at.key), format!("library file name {file_name:?} {why}"), Some("set name to the library's file name, e.g. \"libwasmvm.x86_64.so\"".into()));
+                        self.error(
+                            span.clone(),
+                            &format!("{}.name", item_at.key),
+                            format!("library file name {file_name:?} {why}"),
+                            Some(
+                                "set name to the library's file name, e.g. \"libwasmvm.x86_64.so\""
+                                    .into(),
+                            ),
+                        );
                     } else if list.iter().any(|l| l.file_name() == file_name) {
-                        self.error(span.clone(), &format!("{}.name", item_at.key), format!("two libraries would both be staged as lib/{file_name}"), Some("give each library a distinct name".into()));
+                        self.error(
+                            span.clone(),
+                            &format!("{}.name", item_at.key),
+                            format!("two libraries would both be staged as lib/{file_name}"),
+                            Some("give each library a distinct name".into()),
+                        );
                     }
                 } else if url.is_some() {
-                    self.error(item.span(), &item_at.key, "cannot tell the library's file name from its URL", Some("set name = \"libwasmvm.x86_64.so\"".into()));
+                    self.error(
+                        item.span(),
+                        &item_at.key,
+                        "cannot tell the library's file name from its URL",
+                        Some("set name = \"libwasmvm.x86_64.so\"".into()),
+                    );
                 }
                 if let (Some(url), Some(sha256)) = (url, sha256) {
                     list.push(Library {
@@ -706,34 +834,84 @@ impl<'s> Walker<'s> {
     }
 
     /// Rules across sections: platforms pinned, names unique, heights and versions increasing.
-    fn cross_checks(&mut self, manifest: &Manifest, chain: &ChainSpans, genesis: &StageSpans, upgrades: &[(Upgrade, StageSpans)]) {
+    fn cross_checks(
+        &mut self,
+        manifest: &Manifest,
+        chain: &ChainSpans,
+        genesis: &StageSpans,
+        upgrades: &[(Upgrade, StageSpans)],
+    ) {
         let declared = manifest.platforms();
         let explicit = !manifest.chain.platforms.is_empty();
-        let source_of_platforms = if explicit { "chain.platforms" } else { "the genesis binary's platforms" };
-        let stages = std::iter::once(("genesis".to_string(), &manifest.genesis.binary, &manifest.genesis.library, genesis))
-            .chain(upgrades.iter().map(|(u, s)| (format!("upgrade {:?}", u.name), &u.binary, &u.library, s)));
+        let source_of_platforms = if explicit {
+            "chain.platforms"
+        } else {
+            "the genesis binary's platforms"
+        };
+        let stages = std::iter::once((
+            "genesis".to_string(),
+            &manifest.genesis.binary,
+            &manifest.genesis.library,
+            genesis,
+        ))
+        .chain(
+            upgrades
+                .iter()
+                .map(|(u, s)| (format!("upgrade {:?}", u.name), &u.binary, &u.library, s)),
+        );
         for (label, binary, library, spans) in stages {
-            let Some(binary_spans) = &spans.binary else { continue };
+            let Some(binary_spans) = &spans.binary else {
+                continue;
+            };
             for platform in &declared {
                 if !binary.contains_key(platform) {
                     let span = binary_spans.table.clone();
                     let hint = format!(
                         "add binary.{platform:?} = {{ url = \"...\", sha256 = \"...\" }} to {label}{}",
-                        if explicit { ", or remove it from chain.platforms" } else { "" }
+                        if explicit {
+                            ", or remove it from chain.platforms"
+                        } else {
+                            ""
+                        }
                     );
-                    self.error(span, &format!("{label}.binary"), format!("not pinned for platform {platform} (from {source_of_platforms})"), Some(hint));
+                    self.error(
+                        span,
+                        &format!("{label}.binary"),
+                        format!("not pinned for platform {platform} (from {source_of_platforms})"),
+                        Some(hint),
+                    );
                 }
             }
             for (platform, span) in &binary_spans.platforms {
                 if !declared.contains(platform) {
-                    let hint = if explicit { format!("add {platform:?} to chain.platforms, or fix the key") } else { format!("pin the genesis binary for {platform} too, or fix the key") };
-                    self.error(span.clone(), &format!("{label}.binary.{platform:?}"), format!("platform {platform} is not among {source_of_platforms} ({})", declared.join(", ")), Some(hint));
+                    let hint = if explicit {
+                        format!("add {platform:?} to chain.platforms, or fix the key")
+                    } else {
+                        format!("pin the genesis binary for {platform} too, or fix the key")
+                    };
+                    self.error(
+                        span.clone(),
+                        &format!("{label}.binary.{platform:?}"),
+                        format!(
+                            "platform {platform} is not among {source_of_platforms} ({})",
+                            declared.join(", ")
+                        ),
+                        Some(hint),
+                    );
                 }
             }
             if let Some(lib_spans) = &spans.library {
                 for (platform, span) in &lib_spans.platforms {
                     if !declared.contains(platform) {
-                        self.error(span.clone(), &format!("{label}.library.{platform:?}"), format!("platform {platform} is not among {source_of_platforms} ({})", declared.join(", ")), Some("fix the key or declare the platform".into()));
+                        self.error(
+                            span.clone(),
+                            &format!("{label}.library.{platform:?}"),
+                            format!(
+                                "platform {platform} is not among {source_of_platforms} ({})",
+                                declared.join(", ")
+                            ),
+                            Some("fix the key or declare the platform".into()),
+                        );
                     }
                 }
                 for platform in &declared {
@@ -746,7 +924,12 @@ impl<'s> Walker<'s> {
         if let Some(span) = &chain.platforms
             && declared.is_empty()
         {
-            self.error(span.clone(), "chain.platforms", "no platform declared", None);
+            self.error(
+                span.clone(),
+                "chain.platforms",
+                "no platform declared",
+                None,
+            );
         }
 
         let mut seen: BTreeMap<String, &str> = BTreeMap::new();
@@ -782,14 +965,19 @@ impl<'s> Walker<'s> {
             }
         }
 
-        let mut last_version: Option<(semver::Version, &str, String)> = manifest
-            .genesis
-            .version
-            .as_ref()
-            .and_then(|v| parse_version(v).ok().map(|p| (p, v.as_str(), "genesis".to_string())));
+        let mut last_version: Option<(semver::Version, &str, String)> =
+            manifest.genesis.version.as_ref().and_then(|v| {
+                parse_version(v)
+                    .ok()
+                    .map(|p| (p, v.as_str(), "genesis".to_string()))
+            });
         for (upgrade, spans) in upgrades {
-            let Some(version) = &upgrade.version else { continue };
-            let Ok(parsed) = parse_version(version) else { continue };
+            let Some(version) = &upgrade.version else {
+                continue;
+            };
+            let Ok(parsed) = parse_version(version) else {
+                continue;
+            };
             if let Some((prev, prev_text, prev_label)) = &last_version
                 && parsed <= *prev
             {
