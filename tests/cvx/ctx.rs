@@ -55,7 +55,10 @@ impl Ctx {
         let mut cmd = Command::cargo_bin("cvx").unwrap();
         cmd.current_dir(self.dir.path());
         for (key, _) in std::env::vars() {
-            if key.starts_with("DAEMON_") || key.starts_with("CVX_") || key.starts_with("COSMOVISOR_") {
+            if key.starts_with("DAEMON_")
+                || key.starts_with("CVX_")
+                || key.starts_with("COSMOVISOR_")
+            {
                 cmd.env_remove(key);
             }
         }

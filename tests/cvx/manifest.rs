@@ -75,11 +75,26 @@ fn not_toml() {
 
 #[test]
 fn unknown_key_names_valid_ones_and_the_closest() {
-    let err = invalid(&replace("path = \"bin/simd\" }", "path = \"bin/simd\", sha265 = \"x\" }"));
-    let err2 = invalid(&replace("daemon = \"simd\"", "daemon = \"simd\"\ncolour = \"blue\""));
-    assert_has(&err, "upgrade \"v2\".binary.\"linux/amd64\".sha265: unknown key `sha265`");
-    assert_has(&err, "did you mean `sha256`? valid keys here: url, sha256, path");
-    assert_has(&err2, "cvx.toml:4:1: chain.colour: unknown key `colour` in chain");
+    let err = invalid(&replace(
+        "path = \"bin/simd\" }",
+        "path = \"bin/simd\", sha265 = \"x\" }",
+    ));
+    let err2 = invalid(&replace(
+        "daemon = \"simd\"",
+        "daemon = \"simd\"\ncolour = \"blue\"",
+    ));
+    assert_has(
+        &err,
+        "upgrade \"v2\".binary.\"linux/amd64\".sha265: unknown key `sha265`",
+    );
+    assert_has(
+        &err,
+        "did you mean `sha256`? valid keys here: url, sha256, path",
+    );
+    assert_has(
+        &err2,
+        "cvx.toml:4:1: chain.colour: unknown key `colour` in chain",
+    );
     assert_has(&err2, "valid keys here: id, daemon, home, platforms");
 }
 
@@ -94,8 +109,16 @@ fn unknown_top_level_table() {
 fn missing_required_keys() {
     let err = invalid(&replace("id = \"testchain-1\"\n", ""));
     assert_has(&err, "cvx.toml:1:2: chain.id: missing required key `id`");
-    let err = invalid(&replace(&format!(", sha256 = \"{SHA_A}\" }}\nbinary.\"linux/arm64\" = {{ url = \"https://example.org/v3"), " }\nbinary.\"linux/arm64\" = { url = \"https://example.org/v3"));
-    assert_has(&err, "upgrade \"v3\".binary.\"linux/amd64\".sha256: missing required key `sha256`");
+    let err = invalid(&replace(
+        &format!(
+            ", sha256 = \"{SHA_A}\" }}\nbinary.\"linux/arm64\" = {{ url = \"https://example.org/v3"
+        ),
+        " }\nbinary.\"linux/arm64\" = { url = \"https://example.org/v3",
+    ));
+    assert_has(
+        &err,
+        "upgrade \"v3\".binary.\"linux/amd64\".sha256: missing required key `sha256`",
+    );
     let err = invalid("[chain]\nid = \"x\"\ndaemon = \"d\"\n");
     assert_has(&err, "genesis: missing required table [genesis]");
     let err = invalid(&replace("name = \"v3\"\n", ""));
@@ -105,7 +128,10 @@ fn missing_required_keys() {
 #[test]
 fn wrong_types() {
     let err = invalid(&replace("height = 100", "height = \"100\""));
-    assert_has(&err, "upgrade \"v2\".height: expected an integer block height, found a string");
+    assert_has(
+        &err,
+        "upgrade \"v2\".height: expected an integer block height, found a string",
+    );
     let err = invalid(&replace("id = \"testchain-1\"", "id = 1"));
     assert_has(&err, "chain.id: expected a string, found an integer");
 }
@@ -113,7 +139,10 @@ fn wrong_types() {
 #[test]
 fn duplicate_names_after_lower_casing() {
     let err = invalid(&replace("name = \"v3\"", "name = \"V2\""));
-    assert_has(&err, "cvx.toml:21:8: upgrade \"V2\".name: upgrade name \"V2\" duplicates \"v2\"");
+    assert_has(
+        &err,
+        "cvx.toml:21:8: upgrade \"V2\".name: upgrade name \"V2\" duplicates \"v2\"",
+    );
     assert_has(&err, "lower-cases");
 }
 
@@ -132,15 +161,24 @@ fn names_that_would_escape_the_tree() {
         assert_has(&err, why);
     }
     let err = invalid(&replace("daemon = \"simd\"", "daemon = \"bin/simd\""));
-    assert_has(&err, "chain.daemon: daemon name \"bin/simd\" contains a path separator");
+    assert_has(
+        &err,
+        "chain.daemon: daemon name \"bin/simd\" contains a path separator",
+    );
 }
 
 #[test]
 fn heights_must_strictly_increase() {
     let err = invalid(&replace("height = 200", "height = 100"));
-    assert_has(&err, "cvx.toml:22:10: upgrade \"v3\".height: height 100 is not above 100, the height of upgrade \"v2\" before it");
+    assert_has(
+        &err,
+        "cvx.toml:22:10: upgrade \"v3\".height: height 100 is not above 100, the height of upgrade \"v2\" before it",
+    );
     let err = invalid(&replace("height = 200", "height = 0"));
-    assert_has(&err, "upgrade \"v3\".height: height 0 is not a positive block height");
+    assert_has(
+        &err,
+        "upgrade \"v3\".height: height 0 is not a positive block height",
+    );
     let err = invalid(&replace("height = 200", "height = -5"));
     assert_has(&err, "height -5 is not a positive block height");
 }
@@ -148,17 +186,29 @@ fn heights_must_strictly_increase() {
 #[test]
 fn versions_must_be_semver_and_increase() {
     let err = invalid(&replace("version = \"v3.0.0\"", "version = \"v1.5.0\""));
-    assert_has(&err, "cvx.toml:23:11: upgrade \"v3\".version: version v1.5.0 is not above v2.0.0, the version of upgrade \"v2\" before it");
+    assert_has(
+        &err,
+        "cvx.toml:23:11: upgrade \"v3\".version: version v1.5.0 is not above v2.0.0, the version of upgrade \"v2\" before it",
+    );
     let err = invalid(&replace("version = \"v2.0.0\"", "version = \"v0.9.0\""));
-    assert_has(&err, "version v0.9.0 is not above v1.0.0, the version of genesis before it");
+    assert_has(
+        &err,
+        "version v0.9.0 is not above v1.0.0, the version of genesis before it",
+    );
     let err = invalid(&replace("version = \"v2.0.0\"", "version = \"two\""));
-    assert_has(&err, "upgrade \"v2\".version: version \"two\" is not semver");
+    assert_has(
+        &err,
+        "upgrade \"v2\".version: version \"two\" is not semver",
+    );
 }
 
 #[test]
 fn sha256_must_be_64_hex_digits() {
     let err = invalid(&replace(SHA_B, "abc123"));
-    assert_has(&err, "cvx.toml:9:78: genesis.binary.\"linux/arm64\".sha256: sha256 \"abc123\" is not 64 hex digits (6 characters)");
+    assert_has(
+        &err,
+        "cvx.toml:9:78: genesis.binary.\"linux/arm64\".sha256: sha256 \"abc123\" is not 64 hex digits (6 characters)",
+    );
     let err = invalid(&replace(SHA_B, &"g".repeat(64)));
     assert_has(&err, "is not 64 hex digits (64 characters)");
 }
@@ -166,25 +216,54 @@ fn sha256_must_be_64_hex_digits() {
 #[test]
 fn every_upgrade_is_pinned_for_every_platform() {
     let err = invalid(&replace(
-        &format!("binary.\"linux/arm64\" = {{ url = \"https://example.org/v3/simd-arm64\", sha256 = \"{SHA_B}\" }}\n"),
+        &format!(
+            "binary.\"linux/arm64\" = {{ url = \"https://example.org/v3/simd-arm64\", sha256 = \"{SHA_B}\" }}\n"
+        ),
         "",
     ));
-    assert_has(&err, "cvx.toml:24:1: upgrade \"v3\".binary: not pinned for platform linux/arm64 (from chain.platforms)");
+    assert_has(
+        &err,
+        "cvx.toml:24:1: upgrade \"v3\".binary: not pinned for platform linux/arm64 (from chain.platforms)",
+    );
     assert_has(&err, "add binary.\"linux/arm64\"");
-    let err = invalid(&replace("binary.\"linux/arm64\" = { url = \"https://example.org/v3", "binary.\"linux/arm46\" = { url = \"https://example.org/v3"));
-    assert_has(&err, "platform linux/arm46 is not among chain.platforms (linux/amd64, linux/arm64)");
+    let err = invalid(&replace(
+        "binary.\"linux/arm64\" = { url = \"https://example.org/v3",
+        "binary.\"linux/arm46\" = { url = \"https://example.org/v3",
+    ));
+    assert_has(
+        &err,
+        "platform linux/arm46 is not among chain.platforms (linux/amd64, linux/arm64)",
+    );
     let err = invalid(&replace("\"linux/amd64\", \"linux/arm64\"]", "\"linux\"]"));
     assert_has(&err, "platform \"linux\" is not of the form os/arch");
 }
 
 #[test]
 fn urls_must_parse_and_use_a_known_scheme() {
-    let err = invalid(&replace("https://example.org/v3/simd-amd64", "ftp://example.org/v3/simd-amd64"));
-    assert_has(&err, "upgrade \"v3\".binary.\"linux/amd64\".url: URL scheme `ftp` is not supported");
-    let err = invalid(&replace("https://example.org/v3/simd-amd64", "downloads/simd"));
-    assert_has(&err, "\"downloads/simd\" is neither a URL nor an absolute path");
-    assert_has(&err, "hint: use https://..., http://..., file:///absolute/path or /absolute/path");
-    let err = invalid(&replace("https://example.org/v3/simd-amd64", "https://exa mple.org/x"));
+    let err = invalid(&replace(
+        "https://example.org/v3/simd-amd64",
+        "ftp://example.org/v3/simd-amd64",
+    ));
+    assert_has(
+        &err,
+        "upgrade \"v3\".binary.\"linux/amd64\".url: URL scheme `ftp` is not supported",
+    );
+    let err = invalid(&replace(
+        "https://example.org/v3/simd-amd64",
+        "downloads/simd",
+    ));
+    assert_has(
+        &err,
+        "\"downloads/simd\" is neither a URL nor an absolute path",
+    );
+    assert_has(
+        &err,
+        "hint: use https://..., http://..., file:///absolute/path or /absolute/path",
+    );
+    let err = invalid(&replace(
+        "https://example.org/v3/simd-amd64",
+        "https://exa mple.org/x",
+    ));
     assert_has(&err, "is neither a URL nor an absolute path");
 }
 
@@ -192,9 +271,21 @@ fn urls_must_parse_and_use_a_known_scheme() {
 fn http_file_and_absolute_paths_are_accepted_http_with_a_warning() {
     let ctx = Ctx::new();
     let text = valid()
-        .replacen("https://example.org/v3/simd-amd64", "http://mirror.example.org/v3/simd", 1)
-        .replacen("https://example.org/v3/simd-arm64", "file:///srv/mirror/simd-arm64", 1)
-        .replacen("https://example.org/v1/simd-amd64", "/srv/mirror/simd-v1", 1);
+        .replacen(
+            "https://example.org/v3/simd-amd64",
+            "http://mirror.example.org/v3/simd",
+            1,
+        )
+        .replacen(
+            "https://example.org/v3/simd-arm64",
+            "file:///srv/mirror/simd-arm64",
+            1,
+        )
+        .replacen(
+            "https://example.org/v1/simd-amd64",
+            "/srv/mirror/simd-v1",
+            1,
+        );
     ctx.manifest(&text);
     let (stdout, _) = run(ctx.cvx().args(["plan", "--platform", "linux/amd64"]), 0);
     assert!(stdout.contains("warning: cvx.toml:24:32: upgrade \"v3\".binary.\"linux/amd64\".url: http://mirror.example.org/v3/simd is plain http"), "{stdout}");
@@ -203,7 +294,11 @@ fn http_file_and_absolute_paths_are_accepted_http_with_a_warning() {
 #[test]
 fn every_problem_is_reported_at_once() {
     let text = valid()
-        .replacen("id = \"testchain-1\"", "id = \"testchain-1\"\nnetwork = \"main\"", 1)
+        .replacen(
+            "id = \"testchain-1\"",
+            "id = \"testchain-1\"\nnetwork = \"main\"",
+            1,
+        )
         .replacen(SHA_B, "short", 1)
         .replacen("height = 200", "height = 50", 1)
         .replacen("name = \"v3\"", "name = \"V2\"", 1);
@@ -234,18 +329,33 @@ fn every_example_is_valid_and_reads_the_same_through_serde() {
         }
         seen += 1;
         let ctx = Ctx::new();
-        run(ctx.cvx().arg("plan").arg("-m").arg(&path).args(["--platform", "linux/amd64"]), 0);
+        run(
+            ctx.cvx()
+                .arg("plan")
+                .arg("-m")
+                .arg(&path)
+                .args(["--platform", "linux/amd64"]),
+            0,
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         let (walked, _) = cvx::manifest::parse(&text).unwrap();
         let via_serde: cvx::manifest::Manifest = toml::from_str(&text).unwrap();
-        assert_eq!(walked, via_serde, "{}: walker and schema types disagree", path.display());
+        assert_eq!(
+            walked,
+            via_serde,
+            "{}: walker and schema types disagree",
+            path.display()
+        );
     }
     assert!(seen >= 2, "expected the example manifests, found {seen}");
 }
 
 #[test]
 fn committed_schemas_are_current() {
-    for (which, file) in [("manifest", "manifest.schema.json"), ("plan", "plan.schema.json")] {
+    for (which, file) in [
+        ("manifest", "manifest.schema.json"),
+        ("plan", "plan.schema.json"),
+    ] {
         let ctx = Ctx::new();
         let (generated, _) = run(ctx.cvx().args(["schema", which]), 0);
         let path = format!("{}/schemas/{file}", env!("CARGO_MANIFEST_DIR"));

@@ -67,11 +67,17 @@ fn listing(root: &std::path::Path) -> Vec<String> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries {
             let e = e.unwrap();
             let meta = std::fs::symlink_metadata(e.path()).unwrap();
-            out.push(format!("{} {:?}", e.path().display(), meta.modified().unwrap()));
+            out.push(format!(
+                "{} {:?}",
+                e.path().display(),
+                meta.modified().unwrap()
+            ));
             if meta.is_dir() {
                 stack.push(e.path());
             }
@@ -87,7 +93,10 @@ fn empty_tree_plans_everything_and_writes_nothing() {
     manifest(&ctx);
     let plan = plan_json(&ctx, 2);
     assert_eq!(plan["format_version"], 1);
-    assert_eq!(plan["summary"], serde_json::json!({"fetch": 4, "replace": 0, "ok": 0, "unmanaged": 0}));
+    assert_eq!(
+        plan["summary"],
+        serde_json::json!({"fetch": 4, "replace": 0, "ok": 0, "unmanaged": 0})
+    );
     assert_eq!(stage(&plan, "genesis")["action"], "create");
     assert_eq!(stage(&plan, "upgrades/v2")["name"], "V2");
     assert_eq!(plan["current"]["action"], "create");
@@ -147,8 +156,18 @@ fn tampered_files_are_replaced_with_the_reason() {
     assert_eq!(bin["state"], "mismatch");
     assert_eq!(bin["action"], "replace");
     let staged = sha256(b"#!/bin/sh\necho evil\n");
-    assert_eq!(bin["reason"], format!("sha256 {}… differs from the pin {}…", &staged[..12], &sha256(V2)[..12]));
-    assert_eq!(v2["artifacts"][1]["state"], "ok", "the library is untouched");
+    assert_eq!(
+        bin["reason"],
+        format!(
+            "sha256 {}… differs from the pin {}…",
+            &staged[..12],
+            &sha256(V2)[..12]
+        )
+    );
+    assert_eq!(
+        v2["artifacts"][1]["state"], "ok",
+        "the library is untouched"
+    );
 }
 
 #[test]
@@ -175,12 +194,20 @@ fn unmanaged_directories_and_odd_current_links() {
     assert_eq!(old["current"], true);
     assert_eq!(plan["summary"]["unmanaged"], 1);
     assert_eq!(plan["current"]["action"], "attention");
-    assert!(plan["warnings"][0].as_str().unwrap().contains("points to upgrades/v0-old, which the manifest does not name"));
+    assert!(
+        plan["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("points to upgrades/v0-old, which the manifest does not name")
+    );
 
     std::fs::remove_file(ctx.cosmovisor("current")).unwrap();
     symlink("upgrades/gone", ctx.cosmovisor("current")).unwrap();
     let plan = plan_json(&ctx, 2);
-    assert_eq!(plan["current"]["reason"], "points to upgrades/gone, which does not exist");
+    assert_eq!(
+        plan["current"]["reason"],
+        "points to upgrades/gone, which does not exist"
+    );
 }
 
 #[test]
@@ -199,7 +226,11 @@ fn upgrade_info_states_never_fail_the_plan() {
         let plan = plan_json(&ctx, 2);
         assert_eq!(plan["pending"]["state"], state);
     }
-    std::fs::write(&info, br#"{"name":"V2","time":"0001-01-01T00:00:00Z","height":100}"#).unwrap();
+    std::fs::write(
+        &info,
+        br#"{"name":"V2","time":"0001-01-01T00:00:00Z","height":100}"#,
+    )
+    .unwrap();
     let plan = plan_json(&ctx, 2);
     let pending = &plan["pending"];
     assert_eq!(pending["state"], "valid");
@@ -210,7 +241,10 @@ fn upgrade_info_states_never_fail_the_plan() {
 
     std::fs::write(&info, br#"{"name":"v9","height":900}"#).unwrap();
     let (human, _) = run(&mut ctx.plan(), 0);
-    assert!(human.contains("pending upgrade: v9 at height 900  not in the manifest"), "{human}");
+    assert!(
+        human.contains("pending upgrade: v9 at height 900  not in the manifest"),
+        "{human}"
+    );
 }
 
 #[test]
@@ -218,12 +252,32 @@ fn recase_follows_cosmovisor_and_can_be_disabled() {
     let ctx = Ctx::new();
     manifest(&ctx);
     let plan = plan_json(&ctx, 2);
-    assert!(plan["upgrades"].as_array().unwrap().iter().any(|s| s["dir"] == "upgrades/v2"));
-    let (stdout, _) = run(ctx.plan().arg("--json").env("COSMOVISOR_DISABLE_RECASE", "TRUE"), 0);
+    assert!(
+        plan["upgrades"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["dir"] == "upgrades/v2")
+    );
+    let (stdout, _) = run(
+        ctx.plan()
+            .arg("--json")
+            .env("COSMOVISOR_DISABLE_RECASE", "TRUE"),
+        0,
+    );
     let plan: Value = serde_json::from_str(&stdout).unwrap();
-    assert!(plan["upgrades"].as_array().unwrap().iter().any(|s| s["dir"] == "upgrades/V2"));
+    assert!(
+        plan["upgrades"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["dir"] == "upgrades/V2")
+    );
     let (_, err) = run(ctx.plan().env("COSMOVISOR_DISABLE_RECASE", "yes"), 1);
-    assert!(err.contains("COSMOVISOR_DISABLE_RECASE=\"yes\" is not a boolean"), "{err}");
+    assert!(
+        err.contains("COSMOVISOR_DISABLE_RECASE=\"yes\" is not a boolean"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -248,7 +302,14 @@ fn home_comes_from_flag_then_env_then_manifest() {
     };
     assert_eq!(home_of(&mut plan()), in_manifest.display().to_string());
     assert_eq!(home_of(plan().env("DAEMON_HOME", "/env/home")), "/env/home");
-    assert_eq!(home_of(plan().env("DAEMON_HOME", "/env/home").args(["--home", "/flag/home"])), "/flag/home");
+    assert_eq!(
+        home_of(
+            plan()
+                .env("DAEMON_HOME", "/env/home")
+                .args(["--home", "/flag/home"])
+        ),
+        "/flag/home"
+    );
 }
 
 #[test]
@@ -256,7 +317,10 @@ fn a_platform_the_manifest_does_not_declare_is_an_error() {
     let ctx = Ctx::new();
     manifest(&ctx);
     let (_, err) = run(ctx.plan().args(["--platform", "plan9/mips"]), 1);
-    assert!(err.contains("platform plan9/mips is not among the manifest's platforms"), "{err}");
+    assert!(
+        err.contains("platform plan9/mips is not among the manifest's platforms"),
+        "{err}"
+    );
     assert!(err.contains("hint: pass --platform"), "{err}");
 }
 
