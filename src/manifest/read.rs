@@ -1037,4 +1037,30 @@ mod tests {
         }
         assert!(unsafe_name("v28.0.1+").is_none());
     }
+
+    /// No input panics: every prefix of a real manifest, and every byte of it replaced by a
+    /// character TOML gives meaning to, is either valid or a list of located problems.
+    #[test]
+    fn no_input_panics() {
+        let text = include_str!("../../examples/osmosis.toml");
+        let check = |input: &str| {
+            if let Err(problems) = parse(input) {
+                assert!(!problems.is_empty());
+                for p in problems {
+                    assert!(p.line >= 1 && p.column >= 1, "{p:?}");
+                }
+            }
+        };
+        for end in (0..text.len()).filter(|&i| text.is_char_boundary(i)) {
+            check(&text[..end]);
+        }
+        for (i, _) in text.char_indices().step_by(7) {
+            for c in ['"', '[', ']', '=', '\n', '{', ',', '.', 'é'] {
+                let mut mutated = text.to_string();
+                let len = mutated[i..].chars().next().map_or(0, char::len_utf8);
+                mutated.replace_range(i..i + len, &c.to_string());
+                check(&mutated);
+            }
+        }
+    }
 }
