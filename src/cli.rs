@@ -41,8 +41,19 @@ pub enum Command {
     Plan(PlanArgs),
     /// Download, verify and atomically stage every binary the plan needs.
     Apply(ApplyArgs),
+    /// Supervise the node as `cosmovisor run` does: every argument goes to the daemon.
+    #[command(disable_help_flag = true)]
+    Run(RunArgs),
     /// Print the JSON Schema of the manifest (or of plan's JSON output).
     Schema(SchemaArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The daemon's arguments, e.g. `start --home /var/lib/osmosis`; a first
+    /// `--cosmovisor-config PATH` pair names a Cosmovisor config.toml instead.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    pub args: Vec<std::ffi::OsString>,
 }
 
 /// Options every command that reads a manifest takes.
@@ -137,7 +148,7 @@ impl Command {
                     common.verbose as i8
                 }
             }
-            Command::Schema(_) => 0,
+            Command::Run(_) | Command::Schema(_) => 0,
         }
     }
 }
@@ -154,6 +165,8 @@ pub enum Error {
     EnvBool { name: &'static str, value: String },
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Run(#[from] crate::run::RunError),
 }
 
 impl Error {
@@ -174,6 +187,8 @@ impl Error {
             Error::Apply(ApplyError::NoHome) => Some("pass --home DIR, set DAEMON_HOME, or set chain.home in the manifest".into()),
             Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other apply to finish, or raise --lock-timeout".into()),
             Error::Apply(_) => None,
+            Error::Run(crate::run::RunError::Config(_)) => Some("see README, `cvx run`, for every variable and its default".into()),
+            Error::Run(_) => None,
         }
     }
 }
@@ -243,6 +258,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Plan(args) => run_plan(args),
         Command::Apply(args) => run_apply(args),
+        Command::Run(args) => Ok(ExitCode::from(crate::run::main(args.args)?)),
         Command::Schema(args) => {
             print!("{}", schema(args.which));
             Ok(ExitCode::SUCCESS)

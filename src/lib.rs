@@ -12,4 +12,5 @@ pub mod plan;
 pub mod progress;
 pub mod receipt;
 pub mod render;
+pub mod run;
 pub mod tree;

@@ -6,7 +6,10 @@ use cvx::render::Colors;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.command.verbosity());
+    // `cvx run` configures its logs from Cosmovisor's variables.
+    if !matches!(cli.command, cli::Command::Run(_)) {
+        init_logging(cli.command.verbosity());
+    }
     match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {

@@ -176,3 +176,17 @@ fn keep_aside(dest: &Path, aside: &Path) -> Result<(), InstallError> {
     }
     Ok(())
 }
+
+/// Point `current` at `stage` (`genesis` or `upgrades/<dir>`) atomically: a relative link made
+/// under a temp name, renamed over `current`, and the directory fsynced.
+pub fn point_current(layout: &crate::tree::Layout, stage: &str) -> io::Result<()> {
+    let root = layout.root();
+    let tmp = root.join(format!(".current-{}", std::process::id()));
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::os::unix::fs::symlink(stage, &tmp)?;
+    fs::rename(&tmp, layout.current())?;
+    File::open(&root)?.sync_all()
+}

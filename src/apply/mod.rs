@@ -379,58 +379,22 @@ pub async fn execute(
 type TargetResult = (usize, Result<(u64, bool), String>);
 
 /// Install a verified download at each of its destinations, with receipts; then drop it.
-fn install_all(
-    layout: &Layout,
-    fetched: &fetch::Fetched,
-    url: &str,
-    sha256: &str,
-    daemon: &str,
-    targets: &[Target],
-) -> Vec<TargetResult> {
-    let root = layout.root();
-    let receipts = layout.receipts();
-    let aside = layout.cvx().join("replaced");
-    let mut results = Vec::new();
-    for target in targets {
-        let dest = root.join(&target.destination);
-        let source = install::Source {
-            file: &fetched.path,
-            url,
-            sha256,
-            member: target.member.as_deref(),
-            daemon,
-            consume: targets.len() == 1,
-        };
-        let result = receipt::remove(&receipts, &target.destination)
-            .map_err(|e| {
-                format!(
-                    "cannot remove the old receipt of {}: {e}",
-                    target.destination
-                )
-            })
-            .and_then(|()| {
-                install::install(&source, &dest, target.mode, &aside).map_err(|e| error_chain(&e))
-            })
-            .and_then(|installed| {
-                let meta = fs::metadata(&dest)
-                    .map_err(|e| format!("cannot inspect {}: {e}", dest.display()))?;
-                let receipt = Receipt {
-                    path: target.destination.clone(),
-                    sha256: installed.sha256,
-                    size: installed.size,
-                    source_url: url.to_string(),
-                    source_sha256: sha256.to_string(),
-                    member: installed.member,
-                    identity: FileIdentity::of(&meta),
-                };
-                receipt::write(&receipts, &receipt).map_err(|e| {
-                    format!("cannot write the receipt of {}: {e}", target.destination)
-                })?;
-                tracing::info!("staged {} from {url}", target.destination);
-                Ok((installed.size, fetched.resumed))
-            });
-        results.push((target.index, result));
-    }
+fn install_all(layout: &Layout, fetched: &fetch::Fetched, url: &str, sha256: &str, daemon: &str, targets: &[Target]) -> Vec<TargetResult> {
+    let results = targets
+        .iter()
+        .map(|target| {
+            let staged = Staging {
+                url,
+                sha256,
+                member: target.member.as_deref(),
+                daemon,
+                destination: &target.destination,
+                mode: target.mode,
+            };
+            let result = stage(layout, &fetched.path, &staged, targets.len() == 1).map(|size| (size, fetched.resumed));
+            (target.index, result)
+        })
+        .collect();
     // Verified bytes that were unpacked or copied are not needed any more.
     if let Err(e) = fs::remove_file(&fetched.path)
         && e.kind() != io::ErrorKind::NotFound
@@ -440,18 +404,50 @@ fn install_all(
     results
 }
 
-/// `current -> genesis`, relative as Cosmovisor writes it: made under a temp name, renamed over.
+/// One verified artifact to put at one place in the tree.
+pub struct Staging<'a> {
+    pub url: &'a str,
+    pub sha256: &'a str,
+    pub member: Option<&'a str>,
+    pub daemon: &'a str,
+    /// Relative to `$DAEMON_HOME/cosmovisor`.
+    pub destination: &'a str,
+    pub mode: u32,
+}
+
+/// Install the verified download `file` as `staging` says, with its receipt. `consume` lets the
+/// download itself be moved into place. Returns the installed size; errors as one line.
+pub fn stage(layout: &Layout, file: &std::path::Path, staging: &Staging<'_>, consume: bool) -> Result<u64, String> {
+    let receipts = layout.receipts();
+    let dest = layout.root().join(staging.destination);
+    let source = install::Source {
+        file,
+        url: staging.url,
+        sha256: staging.sha256,
+        member: staging.member,
+        daemon: staging.daemon,
+        consume,
+    };
+    receipt::remove(&receipts, staging.destination).map_err(|e| format!("cannot remove the old receipt of {}: {e}", staging.destination))?;
+    let installed = install::install(&source, &dest, staging.mode, &layout.cvx().join("replaced")).map_err(|e| error_chain(&e))?;
+    let meta = fs::metadata(&dest).map_err(|e| format!("cannot inspect {}: {e}", dest.display()))?;
+    let receipt = Receipt {
+        path: staging.destination.to_string(),
+        sha256: installed.sha256,
+        size: installed.size,
+        source_url: staging.url.to_string(),
+        source_sha256: staging.sha256.to_string(),
+        member: installed.member,
+        identity: FileIdentity::of(&meta),
+    };
+    receipt::write(&receipts, &receipt).map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
+    tracing::info!("staged {} from {}", staging.destination, staging.url);
+    Ok(installed.size)
+}
+
+/// `current -> genesis`, relative as Cosmovisor writes it.
 fn create_current(layout: &Layout) -> Result<(), ApplyError> {
-    let tmp = layout
-        .root()
-        .join(format!(".current-{}", std::process::id()));
-    let _ = fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(crate::tree::GENESIS, &tmp).map_err(io_err("create link", &tmp))?;
-    let current = layout.current();
-    fs::rename(&tmp, &current).map_err(io_err("move into place", &current))?;
-    File::open(layout.root())
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync directory", layout.root()))
+    install::point_current(layout, crate::tree::GENESIS).map_err(io_err("point current at genesis in", layout.root()))
 }
 
 /// An error and its causes on one line, for per-action reports.

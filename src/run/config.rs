@@ -1,0 +1,297 @@
+//! The supervisor's configuration: Cosmovisor's environment variables, with Cosmovisor's names,
+//! defaults and strict parsing, optionally read first from a Cosmovisor `config.toml` (lower-case
+//! names as keys; the environment overrides the file). Every problem is reported together.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Every variable cvx run reads, with its default as documentation.
+pub const VARIABLES: &[(&str, &str)] = &[
+    ("DAEMON_HOME", "required"),
+    ("DAEMON_NAME", "required"),
+    ("DAEMON_ALLOW_DOWNLOAD_BINARIES", "false"),
+    ("DAEMON_DOWNLOAD_MUST_HAVE_CHECKSUM", "false"),
+    ("DAEMON_RESTART_AFTER_UPGRADE", "true"),
+    ("DAEMON_RESTART_DELAY", "none"),
+    ("DAEMON_SHUTDOWN_GRACE", "none (SIGKILL at once)"),
+    ("DAEMON_POLL_INTERVAL", "300ms"),
+    ("UNSAFE_SKIP_BACKUP", "false"),
+    ("DAEMON_DATA_BACKUP_DIR", "$DAEMON_HOME"),
+    ("DAEMON_PREUPGRADE_MAX_RETRIES", "0"),
+    ("COSMOVISOR_CUSTOM_PREUPGRADE", "none"),
+    ("COSMOVISOR_DISABLE_RECASE", "false"),
+    ("COSMOVISOR_DISABLE_LOGS", "false"),
+    ("COSMOVISOR_COLOR_LOGS", "true"),
+    ("COSMOVISOR_TIMEFORMAT_LOGS", "kitchen"),
+    ("CVX_MANIFEST", "none"),
+];
+
+/// Go's named time layouts Cosmovisor accepts for COSMOVISOR_TIMEFORMAT_LOGS.
+pub const TIME_FORMATS: &[(&str, &str)] = &[
+    ("layout", "01/02 03:04:05PM '06 -0700"),
+    ("ansic", "Mon Jan _2 15:04:05 2006"),
+    ("unixdate", "Mon Jan _2 15:04:05 MST 2006"),
+    ("rubydate", "Mon Jan 02 15:04:05 -0700 2006"),
+    ("rfc822", "02 Jan 06 15:04 MST"),
+    ("rfc822z", "02 Jan 06 15:04 -0700"),
+    ("rfc850", "Monday, 02-Jan-06 15:04:05 MST"),
+    ("rfc1123", "Mon, 02 Jan 2006 15:04:05 MST"),
+    ("rfc1123z", "Mon, 02 Jan 2006 15:04:05 -0700"),
+    ("rfc3339", "2006-01-02T15:04:05Z07:00"),
+    ("rfc3339nano", "2006-01-02T15:04:05.999999999Z07:00"),
+    ("kitchen", "3:04PM"),
+];
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub home: PathBuf,
+    pub name: String,
+    pub allow_download: bool,
+    pub must_have_checksum: bool,
+    pub restart_after_upgrade: bool,
+    pub restart_delay: Option<Duration>,
+    pub shutdown_grace: Option<Duration>,
+    pub poll_interval: Duration,
+    pub skip_backup: bool,
+    pub backup_dir: PathBuf,
+    pub preupgrade_max_retries: u32,
+    pub custom_preupgrade: Option<PathBuf>,
+    pub recase: bool,
+    pub logs: bool,
+    pub color_logs: bool,
+    /// A Go layout, or None for no timestamps (an empty COSMOVISOR_TIMEFORMAT_LOGS).
+    pub time_format: Option<&'static str>,
+    /// A manifest whose pins win over the plan's checksums for downloads.
+    pub manifest: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+/// Where each value came from, for error messages.
+struct Sources {
+    env: BTreeMap<String, String>,
+    file: BTreeMap<String, toml::Value>,
+    file_path: Option<PathBuf>,
+    problems: Vec<String>,
+}
+
+impl Sources {
+    /// The raw value of `name`: the environment first, then the file (as text).
+    fn get(&mut self, name: &str) -> Option<(String, String)> {
+        if let Some(v) = self.env.get(name) {
+            return Some((v.clone(), name.to_string()));
+        }
+        let key = name.to_ascii_lowercase();
+        let value = self.file.get(&key)?;
+        let at = format!("{key} in {}", self.file_path.as_deref().unwrap_or(Path::new("?")).display());
+        match value {
+            toml::Value::String(s) => Some((s.clone(), at)),
+            toml::Value::Boolean(b) => Some((b.to_string(), at)),
+            // Go's config.toml stores durations as integer nanoseconds.
+            toml::Value::Integer(i) if name.ends_with("_DELAY") || name.ends_with("_GRACE") || name.ends_with("_INTERVAL") => {
+                Some((format!("{i}ns"), at))
+            }
+            toml::Value::Integer(i) => Some((i.to_string(), at)),
+            other => {
+                self.problems.push(format!("{at}: expected a string, boolean or integer, found {}", other.type_str()));
+                None
+            }
+        }
+    }
+
+    fn boolean(&mut self, name: &str, default: bool) -> bool {
+        match self.get(name) {
+            None => default,
+            Some((v, _)) if v.is_empty() => default,
+            Some((v, _)) if v.eq_ignore_ascii_case("true") => true,
+            Some((v, _)) if v.eq_ignore_ascii_case("false") => false,
+            Some((v, at)) => {
+                self.problems.push(format!("{at}={v:?} is not a boolean (use true or false)"));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, name: &str) -> Option<Duration> {
+        let (v, at) = self.get(name)?;
+        if v.is_empty() {
+            return None;
+        }
+        match crate::duration::parse(&v) {
+            Ok(d) if d > Duration::ZERO => Some(d),
+            Ok(_) => {
+                self.problems.push(format!("{at}={v:?} must be positive (use e.g. 300ms, 10s, 1m30s)"));
+                None
+            }
+            Err(e) => {
+                self.problems.push(format!("{at}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn string(&mut self, name: &str) -> Option<String> {
+        self.get(name).map(|(v, _)| v).filter(|v| !v.is_empty())
+    }
+}
+
+/// Read the configuration from `env` (the process environment) and an optional config file.
+pub fn load(env: impl IntoIterator<Item = (String, String)>, config_file: Option<&Path>) -> Result<Config, ConfigError> {
+    let mut sources = Sources {
+        env: env
+            .into_iter()
+            .filter(|(k, _)| VARIABLES.iter().any(|(name, _)| name == k))
+            .collect(),
+        file: BTreeMap::new(),
+        file_path: config_file.map(Path::to_path_buf),
+        problems: Vec::new(),
+    };
+    if let Some(path) = config_file {
+        match std::fs::read_to_string(path) {
+            Ok(text) => match text.parse::<toml::Table>() {
+                Ok(table) => {
+                    for (key, value) in table {
+                        if VARIABLES.iter().any(|(name, _)| name.eq_ignore_ascii_case(&key)) {
+                            sources.file.insert(key, value);
+                        } else {
+                            tracing::warn!("{}: ignoring unknown key {key:?}", path.display());
+                        }
+                    }
+                }
+                Err(e) => sources.problems.push(format!("{} is not valid TOML: {}", path.display(), e.message())),
+            },
+            Err(e) => sources.problems.push(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+
+    let home = sources.string("DAEMON_HOME").map(PathBuf::from);
+    match &home {
+        None => sources.problems.push("DAEMON_HOME is not set (the node's home, e.g. /var/lib/osmosis)".into()),
+        Some(h) if !h.is_absolute() => sources.problems.push(format!("DAEMON_HOME={:?} is not an absolute path", h.display())),
+        _ => {}
+    }
+    let name = sources.string("DAEMON_NAME");
+    match &name {
+        None => sources.problems.push("DAEMON_NAME is not set (the daemon's file name, e.g. osmosisd)".into()),
+        Some(n) => {
+            if let Some(why) = crate::manifest::unsafe_name(n) {
+                sources.problems.push(format!("DAEMON_NAME={n:?} {why}"));
+            }
+        }
+    }
+    let allow_download = sources.boolean("DAEMON_ALLOW_DOWNLOAD_BINARIES", false);
+    let must_have_checksum = sources.boolean("DAEMON_DOWNLOAD_MUST_HAVE_CHECKSUM", false);
+    let restart_after_upgrade = sources.boolean("DAEMON_RESTART_AFTER_UPGRADE", true);
+    let restart_delay = sources.duration("DAEMON_RESTART_DELAY");
+    let shutdown_grace = sources.duration("DAEMON_SHUTDOWN_GRACE");
+    let poll_interval = sources.duration("DAEMON_POLL_INTERVAL").unwrap_or(Duration::from_millis(300));
+    let skip_backup = sources.boolean("UNSAFE_SKIP_BACKUP", false);
+    let backup_dir = sources.string("DAEMON_DATA_BACKUP_DIR").map(PathBuf::from);
+    if let Some(dir) = &backup_dir
+        && !dir.is_absolute()
+    {
+        sources.problems.push(format!("DAEMON_DATA_BACKUP_DIR={:?} is not an absolute path", dir.display()));
+    }
+    let preupgrade_max_retries = match sources.get("DAEMON_PREUPGRADE_MAX_RETRIES") {
+        None => 0,
+        Some((v, _)) if v.is_empty() => 0,
+        Some((v, at)) => v.parse().unwrap_or_else(|_| {
+            sources.problems.push(format!("{at}={v:?} is not a non-negative integer"));
+            0
+        }),
+    };
+    let custom_preupgrade = sources.string("COSMOVISOR_CUSTOM_PREUPGRADE").map(PathBuf::from);
+    let recase = !sources.boolean("COSMOVISOR_DISABLE_RECASE", false);
+    let logs = !sources.boolean("COSMOVISOR_DISABLE_LOGS", false);
+    let color_logs = sources.boolean("COSMOVISOR_COLOR_LOGS", true);
+    let time_format = match sources.get("COSMOVISOR_TIMEFORMAT_LOGS") {
+        None => Some(TIME_FORMATS[TIME_FORMATS.len() - 1].1),
+        Some((v, _)) if v.is_empty() => None,
+        Some((v, at)) => match TIME_FORMATS.iter().find(|(name, _)| name.eq_ignore_ascii_case(&v)) {
+            Some((_, layout)) => Some(*layout),
+            None => {
+                let names: Vec<_> = TIME_FORMATS.iter().map(|(n, _)| *n).collect();
+                sources.problems.push(format!("{at}={v:?} is not a known time format (valid: {}, or empty for none)", names.join(", ")));
+                None
+            }
+        },
+    };
+    let manifest = sources.string("CVX_MANIFEST").map(PathBuf::from);
+
+    if !sources.problems.is_empty() {
+        return Err(ConfigError { problems: sources.problems });
+    }
+    let home = home.expect("checked above");
+    let custom_preupgrade = custom_preupgrade.map(|script| home.join("cosmovisor").join(script));
+    Ok(Config {
+        backup_dir: backup_dir.unwrap_or_else(|| home.clone()),
+        home,
+        name: name.expect("checked above"),
+        allow_download,
+        must_have_checksum,
+        restart_after_upgrade,
+        restart_delay,
+        shutdown_grace,
+        poll_interval,
+        skip_backup,
+        preupgrade_max_retries,
+        custom_preupgrade,
+        recase,
+        logs,
+        color_logs,
+        time_format,
+        manifest,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_cosmovisors() {
+        let c = load(env(&[("DAEMON_HOME", "/h"), ("DAEMON_NAME", "simd")]), None).unwrap();
+        assert!(!c.allow_download && c.restart_after_upgrade && !c.skip_backup && c.recase);
+        assert_eq!(c.poll_interval, Duration::from_millis(300));
+        assert_eq!((c.shutdown_grace, c.restart_delay), (None, None));
+        assert_eq!(c.backup_dir, PathBuf::from("/h"));
+        assert_eq!(c.time_format, Some("3:04PM"));
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let err = load(
+            env(&[
+                ("DAEMON_NAME", "a/b"),
+                ("DAEMON_RESTART_AFTER_UPGRADE", "yes"),
+                ("DAEMON_POLL_INTERVAL", "0s"),
+                ("DAEMON_SHUTDOWN_GRACE", "5"),
+                ("DAEMON_PREUPGRADE_MAX_RETRIES", "-1"),
+                ("COSMOVISOR_TIMEFORMAT_LOGS", "iso"),
+            ]),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(err.problems.len(), 7, "{err}");
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.toml");
+        std::fs::write(&file, "daemon_home = \"/from/file\"\ndaemon_name = \"simd\"\ndaemon_poll_interval = 50000000\nunsafe_skip_backup = true\n").unwrap();
+        let c = load(env(&[("DAEMON_HOME", "/from/env")]), Some(&file)).unwrap();
+        assert_eq!(c.home, PathBuf::from("/from/env"));
+        assert_eq!(c.poll_interval, Duration::from_millis(50));
+        assert!(c.skip_backup);
+    }
+}

@@ -1,0 +1,165 @@
+//! Noticing the upgrade: file events on `data/` (inotify), polling at DAEMON_POLL_INTERVAL as the
+//! fallback, Cosmovisor's trigger rule, and the node's own height where its RPC answers.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+
+use crate::tree::{PlanInfo, UpgradeInfo, parse_upgrade_info};
+
+/// Wakes the supervisor when `upgrade-info.json` may have changed.
+pub struct Watcher {
+    file: PathBuf,
+    events: mpsc::UnboundedReceiver<()>,
+    sender: mpsc::UnboundedSender<()>,
+    watcher: Option<notify::RecommendedWatcher>,
+    poll: tokio::time::Interval,
+}
+
+impl Watcher {
+    pub fn new(file: &Path, poll_interval: Duration) -> Self {
+        let (sender, events) = mpsc::unbounded_channel();
+        let mut poll = tokio::time::interval(poll_interval);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watcher = Watcher {
+            file: file.to_path_buf(),
+            events,
+            sender,
+            watcher: None,
+            poll,
+        };
+        watcher.arm();
+        watcher
+    }
+
+    /// Watch the file's directory (the file itself may not exist yet, and x/upgrade recreates it).
+    /// Without inotify, or before `data/` exists, polling alone does the job.
+    fn arm(&mut self) {
+        if self.watcher.is_some() {
+            return;
+        }
+        let Some(dir) = self.file.parent() else { return };
+        let sender = self.sender.clone();
+        let name = self.file.file_name().map(|n| n.to_os_string());
+        let made = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let relevant = match &event {
+                Ok(e) => e.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name),
+                Err(_) => true,
+            };
+            if relevant {
+                let _ = sender.send(());
+            }
+        });
+        match made.and_then(|mut w| w.watch(dir, RecursiveMode::NonRecursive).map(|()| w)) {
+            Ok(w) => {
+                tracing::debug!("watching {} for file events", dir.display());
+                self.watcher = Some(w);
+            }
+            Err(e) => tracing::debug!("no file events for {} ({e}); polling", dir.display()),
+        }
+    }
+
+    /// Wait for the next file event or poll tick.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            _ = self.events.recv() => {}
+            _ = self.poll.tick() => self.arm(),
+        }
+    }
+
+    /// The file's state now. Half-written and invalid files are states, logged, never errors.
+    pub fn read(&self) -> UpgradeInfo {
+        let info = match std::fs::read(&self.file) {
+            Ok(bytes) => parse_upgrade_info(&bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => UpgradeInfo::Missing,
+            Err(e) => UpgradeInfo::Invalid { error: e.to_string() },
+        };
+        match &info {
+            UpgradeInfo::Partial { error } => tracing::debug!("{} is incomplete ({error}); reading it again on the next event", self.file.display()),
+            UpgradeInfo::Invalid { error } => tracing::warn!("{} is not a valid plan ({error}); reading it again on the next event", self.file.display()),
+            _ => {}
+        }
+        info
+    }
+}
+
+/// Cosmovisor's rule: on the first valid read, a plan triggers when its name differs from the
+/// current upgrade's; afterwards, when its height is above the last one seen.
+#[derive(Debug)]
+pub struct Trigger {
+    current: String,
+    last_height: Option<u64>,
+}
+
+impl Trigger {
+    /// `current` is the name of the upgrade `current` points to ("" for genesis).
+    pub fn new(current: String) -> Self {
+        Trigger {
+            current,
+            last_height: None,
+        }
+    }
+
+    pub fn fires(&mut self, plan: &PlanInfo) -> bool {
+        match self.last_height {
+            None => {
+                self.last_height = Some(plan.height);
+                plan.name != self.current
+            }
+            Some(last) if plan.height > last => {
+                self.last_height = Some(plan.height);
+                true
+            }
+            Some(_) => false,
+        }
+    }
+}
+
+/// The node's RPC listen address from `$DAEMON_HOME/config/config.toml` (`[rpc] laddr`).
+pub fn rpc_address(home: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(home.join("config").join("config.toml")).ok()?;
+    let table: toml::Table = text.parse().ok()?;
+    let laddr = table.get("rpc")?.get("laddr")?.as_str()?;
+    let hostport = laddr.strip_prefix("tcp://").unwrap_or(laddr);
+    // A node listening on all interfaces answers on loopback.
+    let hostport = hostport.replace("0.0.0.0", "127.0.0.1");
+    Some(format!("http://{hostport}"))
+}
+
+/// The node's latest height from CometBFT's `/status`, or None when the RPC does not answer.
+pub async fn node_height(client: &reqwest::Client, rpc: &str) -> Option<u64> {
+    let response = client.get(format!("{rpc}/status")).send().await.ok()?;
+    let bytes = response.bytes().await.ok()?;
+    let body: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    let height = &body["result"]["sync_info"]["latest_block_height"];
+    match height {
+        serde_json::Value::String(s) => s.parse().ok(),
+        other => other.as_u64(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(name: &str, height: u64) -> PlanInfo {
+        PlanInfo {
+            name: name.into(),
+            height,
+            info: String::new(),
+        }
+    }
+
+    #[test]
+    fn trigger_rule() {
+        let mut t = Trigger::new("v2".into());
+        assert!(!t.fires(&plan("v2", 100)), "the current upgrade's own plan");
+        assert!(!t.fires(&plan("v2", 100)));
+        assert!(t.fires(&plan("v3", 200)), "a higher height");
+        assert!(!t.fires(&plan("v3", 200)));
+        let mut t = Trigger::new(String::new());
+        assert!(t.fires(&plan("v2", 100)), "genesis, first read");
+    }
+}
