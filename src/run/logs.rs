@@ -22,7 +22,8 @@ pub fn init(config: &Config, verbose: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(config.color_logs)
+        // Colour only where someone sees it: a terminal, not the journal or a CI log.
+        .with_ansi(config.color_logs && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = match config.time_format {
         Some(layout) => builder.with_timer(GoTime(layout)).try_init(),

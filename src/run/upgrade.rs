@@ -70,18 +70,18 @@ pub async fn perform(config: &Config, layout: &Layout, plan: &PlanInfo) -> Resul
     let dir = tree::upgrade_dir(&plan.name, config.recase);
     let (name, height) = (plan.name.as_str(), plan.height);
     if let Some(delay) = config.restart_delay {
-        info!(upgrade = name, height, "waiting DAEMON_RESTART_DELAY {}", crate::duration::show(delay));
+        info!(upgrade = %name, height, "waiting DAEMON_RESTART_DELAY {}", crate::duration::show(delay));
         tokio::time::sleep(delay).await;
     }
     if config.skip_backup {
-        info!(upgrade = name, height, "backup skipped (UNSAFE_SKIP_BACKUP)");
+        info!(upgrade = %name, height, "backup skipped (UNSAFE_SKIP_BACKUP)");
     } else {
         let home = config.home.clone();
         let backup_dir = config.backup_dir.clone();
         let to = tokio::task::spawn_blocking(move || backup(&home, &backup_dir))
             .await
             .expect("backup does not panic")?;
-        info!(upgrade = name, height, "backed up data to {}", to.display());
+        info!(upgrade = %name, height, "backed up data to {}", to.display());
     }
     if let Some(script) = &config.custom_preupgrade {
         run_custom_script(config, script, plan).await?;
@@ -89,7 +89,7 @@ pub async fn perform(config: &Config, layout: &Layout, plan: &PlanInfo) -> Resul
     ensure_binary(config, layout, plan, &dir).await?;
     install::point_current(layout, &dir).map_err(|source| UpgradeError::Switch { dir: dir.clone(), source })?;
     write_plan(layout, &dir, plan)?;
-    info!(upgrade = name, height, "switched current to {dir}");
+    info!(upgrade = %name, height, "switched current to {dir}");
     pre_upgrade(config, layout, plan, &dir).await
 }
 
@@ -399,11 +399,11 @@ async fn pre_upgrade(config: &Config, layout: &Layout, plan: &PlanInfo, dir: &st
             })?;
         match status.code() {
             Some(0) => {
-                info!(upgrade = name, height, "pre-upgrade done");
+                info!(upgrade = %name, height, "pre-upgrade done");
                 return Ok(());
             }
             Some(1) => {
-                info!(upgrade = name, height, "pre-upgrade not implemented by the new binary (exit 1); continuing");
+                info!(upgrade = %name, height, "pre-upgrade not implemented by the new binary (exit 1); continuing");
                 return Ok(());
             }
             Some(30) => {
@@ -412,7 +412,7 @@ async fn pre_upgrade(config: &Config, layout: &Layout, plan: &PlanInfo, dir: &st
                 });
             }
             Some(31) if attempt <= config.preupgrade_max_retries => {
-                warn!(upgrade = name, height, "pre-upgrade asked for a retry (exit 31); attempt {} of {}", attempt + 1, config.preupgrade_max_retries + 1);
+                warn!(upgrade = %name, height, "pre-upgrade asked for a retry (exit 31); attempt {} of {}", attempt + 1, config.preupgrade_max_retries + 1);
             }
             Some(31) => {
                 return Err(UpgradeError::PreUpgrade {
