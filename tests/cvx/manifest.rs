@@ -366,3 +366,12 @@ fn committed_schemas_are_current() {
         );
     }
 }
+
+#[test]
+fn validation_report_snapshot() {
+    let text = valid()
+        .replacen("daemon = \"simd\"", "daemon = \"simd\"\nnetwork = \"main\"", 1)
+        .replacen(SHA_B, "short", 1)
+        .replacen("height = 200", "height = 50", 1);
+    insta::assert_snapshot!(invalid(&text));
+}

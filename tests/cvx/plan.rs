@@ -335,3 +335,11 @@ fn human_plan_snapshot() {
     let (stdout, _) = run(ctx.plan().arg("--detailed-exitcode"), 2);
     insta::assert_snapshot!(ctx.redact(&stdout).replace(&platform(), "[PLATFORM]"));
 }
+
+#[test]
+fn empty_tree_human_plan_snapshot() {
+    let ctx = Ctx::new();
+    manifest(&ctx);
+    let (stdout, _) = run(&mut ctx.plan(), 0);
+    insta::assert_snapshot!(ctx.redact(&stdout).replace(&platform(), "[PLATFORM]"));
+}
