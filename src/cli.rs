@@ -46,13 +46,24 @@ pub enum Command {
     Run(RunArgs),
     /// Print the JSON Schema of the manifest (or of plan's JSON output).
     Schema(SchemaArgs),
+    /// Print a shell completion script, e.g. `cvx completions bash > /etc/bash_completion.d/cvx`.
+    Completions { shell: clap_complete::Shell },
+    /// Print a man page (roff): `cvx man > cvx.1`, `cvx man plan > cvx-plan.1`.
+    Man {
+        /// A command's own page (cvx-plan, cvx-apply, ...) instead of cvx's.
+        command: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The daemon's arguments, e.g. `start --home /var/lib/osmosis`; a first
     /// `--cosmovisor-config PATH` pair names a Cosmovisor config.toml instead.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
     pub args: Vec<std::ffi::OsString>,
 }
 
@@ -148,7 +159,10 @@ impl Command {
                     common.verbose as i8
                 }
             }
-            Command::Run(_) | Command::Schema(_) => 0,
+            Command::Run(_)
+            | Command::Schema(_)
+            | Command::Completions { .. }
+            | Command::Man { .. } => 0,
         }
     }
 }
@@ -167,6 +181,8 @@ pub enum Error {
     Apply(#[from] ApplyError),
     #[error(transparent)]
     Run(#[from] crate::run::RunError),
+    #[error("{0}")]
+    Usage(String),
 }
 
 impl Error {
@@ -188,7 +204,7 @@ impl Error {
             Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other apply to finish, or raise --lock-timeout".into()),
             Error::Apply(_) => None,
             Error::Run(crate::run::RunError::Config(_)) => Some("see README, `cvx run`, for every variable and its default".into()),
-            Error::Run(_) => None,
+            Error::Run(_) | Error::Usage(_) => None,
         }
     }
 }
@@ -261,6 +277,41 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Run(args) => Ok(ExitCode::from(crate::run::main(args.args)?)),
         Command::Schema(args) => {
             print!("{}", schema(args.which));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "cvx", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { command: name } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            if let Some(name) = name {
+                let sub = command.find_subcommand(&name).ok_or_else(|| {
+                    Error::Usage(format!(
+                        "no command `{name}`; try plan, apply, run, schema, completions"
+                    ))
+                })?;
+                command = sub
+                    .clone()
+                    .name(format!("cvx-{name}"))
+                    .version(env!("CARGO_PKG_VERSION"));
+            }
+            clap_mangen::Man::new(command)
+                .render(&mut std::io::stdout())
+                // A reader that stops early (`| head`) is not an error.
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::BrokenPipe {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|source| ApplyError::Io {
+                    action: "write the man page to",
+                    path: "stdout".into(),
+                    source,
+                })?;
             Ok(ExitCode::SUCCESS)
         }
     }

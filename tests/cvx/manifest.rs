@@ -370,8 +370,36 @@ fn committed_schemas_are_current() {
 #[test]
 fn validation_report_snapshot() {
     let text = valid()
-        .replacen("daemon = \"simd\"", "daemon = \"simd\"\nnetwork = \"main\"", 1)
+        .replacen(
+            "daemon = \"simd\"",
+            "daemon = \"simd\"\nnetwork = \"main\"",
+            1,
+        )
         .replacen(SHA_B, "short", 1)
         .replacen("height = 200", "height = 50", 1);
     insta::assert_snapshot!(invalid(&text));
+}
+
+#[test]
+fn completions_and_man_pages_come_from_the_cli_definition() {
+    let ctx = Ctx::new();
+    for shell in ["bash", "zsh", "fish"] {
+        let (script, _) = run(ctx.cvx().args(["completions", shell]), 0);
+        assert!(
+            script.contains("apply") && script.contains("detailed-exitcode"),
+            "{shell}: {script}"
+        );
+    }
+    let (page, _) = run(ctx.cvx().arg("man"), 0);
+    assert!(
+        page.contains(".TH cvx 1") && page.contains("cvx\\-plan(1)"),
+        "{page}"
+    );
+    let (page, _) = run(ctx.cvx().args(["man", "plan"]), 0);
+    assert!(
+        page.contains(".TH cvx-plan 1") && page.contains("\\-\\-detailed\\-exitcode"),
+        "{page}"
+    );
+    let (_, err) = run(ctx.cvx().args(["man", "nope"]), 1);
+    assert!(err.contains("no command `nope`"), "{err}");
 }
