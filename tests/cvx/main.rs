@@ -4,5 +4,6 @@
 mod support;
 
 mod ctx;
+mod examples;
 mod manifest;
 mod plan;
