@@ -48,6 +48,12 @@ pub enum Command {
     Schema(SchemaArgs),
     /// Print a shell completion script, e.g. `cvx completions bash > /etc/bash_completion.d/cvx`.
     Completions { shell: clap_complete::Shell },
+    /// The simulated node that `cvx demo` rehearses with (also the `simnode` binary).
+    #[command(hide = true, disable_help_flag = true)]
+    Simnode {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Print a man page (roff): `cvx man > cvx.1`, `cvx man plan > cvx-plan.1`.
     Man {
         /// A command's own page (cvx-plan, cvx-apply, ...) instead of cvx's.
@@ -159,10 +165,7 @@ impl Command {
                     common.verbose as i8
                 }
             }
-            Command::Run(_)
-            | Command::Schema(_)
-            | Command::Completions { .. }
-            | Command::Man { .. } => 0,
+            _ => 0,
         }
     }
 }
@@ -279,6 +282,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             print!("{}", schema(args.which));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Simnode { args } => Ok(crate::simnode::main(args)),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "cvx", &mut std::io::stdout());

@@ -2,59 +2,72 @@
 
 use std::time::Duration;
 
-/// Parse a Go duration. Negative values are refused: every duration cvx takes is a wait.
+/// Parse a Go duration, exactly (integer nanoseconds). Negative values are refused: every
+/// duration cvx takes is a wait.
 pub fn parse(text: &str) -> Result<Duration, String> {
+    let hint = "use e.g. 300ms, 5s, 1m30s";
     let s = text.trim();
-    if s.is_empty() {
-        return Err("empty duration".into());
-    }
     if s == "0" {
         return Ok(Duration::ZERO);
+    }
+    if s.is_empty() {
+        return Err(format!("empty duration ({hint})"));
     }
     if s.starts_with('-') {
         return Err(format!("{text:?} is negative"));
     }
-    let s = s.strip_prefix('+').unwrap_or(s);
-    let mut rest = s;
-    let mut total = 0f64;
+    let mut rest = s.strip_prefix('+').unwrap_or(s);
+    let mut total: u128 = 0;
     while !rest.is_empty() {
-        let number_len = rest
+        let number_end = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(|| {
-                format!("{text:?} has a number without a unit (use e.g. 300ms, 5s, 1m30s)")
-            })?;
-        if number_len == 0 {
-            return Err(format!(
-                "{text:?} is not a duration (use e.g. 300ms, 5s, 1m30s)"
-            ));
-        }
-        let value: f64 = rest[..number_len]
-            .parse()
-            .map_err(|_| format!("{text:?} has a malformed number"))?;
-        rest = &rest[number_len..];
-        let unit_len = rest
+            .unwrap_or(rest.len());
+        let number = &rest[..number_end];
+        rest = &rest[number_end..];
+        let unit_end = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
-        let nanos_per_unit = match &rest[..unit_len] {
-            "ns" => 1.0,
-            "us" | "µs" | "μs" => 1e3,
-            "ms" => 1e6,
-            "s" => 1e9,
-            "m" => 60e9,
-            "h" => 3600e9,
+        let unit = &rest[..unit_end];
+        rest = &rest[unit_end..];
+        let scale: u128 = match unit {
+            "ns" => 1,
+            "us" | "µs" | "μs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
+            "" => return Err(format!("{text:?} has a number without a unit ({hint})")),
             unit => {
                 return Err(format!(
                     "{text:?} has unknown unit {unit:?} (valid: ns, us, ms, s, m, h)"
                 ));
             }
         };
-        total += value * nanos_per_unit;
-        rest = &rest[unit_len..];
+        let (int, fraction) = number.split_once('.').unwrap_or((number, ""));
+        if (int.is_empty() && fraction.is_empty()) || fraction.len() > 18 || fraction.contains('.')
+        {
+            return Err(format!("{text:?} is not a duration ({hint})"));
+        }
+        let malformed = |_| format!("{text:?} has a malformed number");
+        let int: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(malformed)?
+        };
+        let fraction: u128 = if fraction.is_empty() {
+            0
+        } else {
+            fraction.parse::<u128>().map_err(malformed)? * scale / 10u128.pow(fraction.len() as u32)
+        };
+        total = int
+            .checked_mul(scale)
+            .and_then(|v| v.checked_add(fraction))
+            .and_then(|v| v.checked_add(total))
+            .ok_or_else(|| format!("{text:?} is too long"))?;
     }
-    if !total.is_finite() || total > u64::MAX as f64 {
-        return Err(format!("{text:?} is too long"));
-    }
-    Ok(Duration::from_nanos(total as u64))
+    u64::try_from(total)
+        .map(Duration::from_nanos)
+        .map_err(|_| format!("{text:?} is too long"))
 }
 
 /// Format briefly for messages: `1.5s`, `300ms`.
@@ -77,6 +90,7 @@ mod tests {
         assert_eq!(parse("1.5h").unwrap(), Duration::from_secs(5400));
         assert_eq!(parse("0").unwrap(), Duration::ZERO);
         assert_eq!(parse("2us").unwrap(), Duration::from_micros(2));
+        assert_eq!(parse("1.5s").unwrap(), Duration::from_millis(1500));
         for bad in ["", "5", "-1s", "1x", "ms", "1..5s", "s5"] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

@@ -13,4 +13,6 @@ pub mod progress;
 pub mod receipt;
 pub mod render;
 pub mod run;
+pub mod simnode;
+pub mod time;
 pub mod tree;

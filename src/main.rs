@@ -6,8 +6,11 @@ use cvx::render::Colors;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `cvx run` configures its logs from Cosmovisor's variables.
-    if !matches!(cli.command, cli::Command::Run(_)) {
+    // `cvx run` configures its logs from Cosmovisor's variables; the simulated node prints its own.
+    if !matches!(
+        cli.command,
+        cli::Command::Run(_) | cli::Command::Simnode { .. }
+    ) {
         init_logging(cli.command.verbosity());
     }
     match cli::run(cli) {
