@@ -41,6 +41,8 @@ pub enum Command {
     Plan(PlanArgs),
     /// Download, verify and atomically stage every binary the plan needs.
     Apply(ApplyArgs),
+    /// Where the node stands: current upgrade, the next one and its readiness, height and ETA.
+    Status(StatusArgs),
     /// Supervise the node as `cosmovisor run` does: every argument goes to the daemon.
     #[command(disable_help_flag = true)]
     Run(RunArgs),
@@ -59,6 +61,12 @@ pub enum Command {
         /// A command's own page (cvx-plan, cvx-apply, ...) instead of cvx's.
         command: Option<String>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub common: Common,
 }
 
 #[derive(Debug, Args)]
@@ -158,7 +166,9 @@ impl Command {
     /// The log verbosity asked for: -1 quiet, 0 default, 1+ verbose.
     pub fn verbosity(&self) -> i8 {
         match self {
-            Command::Plan(PlanArgs { common, .. }) | Command::Apply(ApplyArgs { common, .. }) => {
+            Command::Plan(PlanArgs { common, .. })
+            | Command::Apply(ApplyArgs { common, .. })
+            | Command::Status(StatusArgs { common }) => {
                 if common.quiet {
                     -1
                 } else {
@@ -277,6 +287,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Plan(args) => run_plan(args),
         Command::Apply(args) => run_apply(args),
+        Command::Status(args) => run_status(args),
         Command::Run(args) => Ok(ExitCode::from(crate::run::main(args.args)?)),
         Command::Schema(args) => {
             print!("{}", schema(args.which));
@@ -471,4 +482,26 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode, Error> {
     } else {
         exit::OK
     }))
+}
+
+fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
+    let loaded = manifest::load(&args.common.manifest)?;
+    let home = home(&args.common, &loaded);
+    let plan = compute_plan(&loaded, home.clone(), None, false)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| ApplyError::Io {
+            action: "start the async runtime for",
+            path: home.clone().unwrap_or_default(),
+            source,
+        })?;
+    let node = runtime.block_on(crate::status::node(home.as_deref()));
+    let status = crate::status::status(&plan, node);
+    if args.common.json {
+        print!("{}", render::json(&status));
+    } else {
+        print!("{}", render::status_human(&status, Colors::for_stdout()));
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -14,5 +14,6 @@ pub mod receipt;
 pub mod render;
 pub mod run;
 pub mod simnode;
+pub mod status;
 pub mod time;
 pub mod tree;

@@ -258,3 +258,87 @@ fn human_size(bytes: u64) -> String {
         b => format!("{b} B"),
     }
 }
+
+/// `cvx status` for a person.
+pub fn status_human(status: &crate::status::Status, c: Colors) -> String {
+    let mut out = String::new();
+    let home = status
+        .home
+        .as_ref()
+        .map_or("unknown".to_string(), |h| h.display().to_string());
+    let _ = writeln!(
+        out,
+        "{} {} ({}) on {}, home {home}",
+        c.bold("chain"),
+        status.chain,
+        status.daemon,
+        status.platform
+    );
+    let current = match (&status.current.upgrade, &status.current.stage) {
+        (Some(name), Some(stage)) => {
+            let version = status
+                .current
+                .version
+                .as_ref()
+                .map(|v| format!(" ({v})"))
+                .unwrap_or_default();
+            if stage == crate::tree::GENESIS {
+                format!("genesis{version}")
+            } else {
+                format!("upgrade {name}{version} in {stage}")
+            }
+        }
+        (None, Some(stage)) => format!("{stage} (not in the manifest)"),
+        _ => "unknown: no current link (run cvx apply)".into(),
+    };
+    let _ = writeln!(out, "{}  {current}", c.bold("current:"));
+    let next = match &status.next {
+        Some(next) => {
+            let at = next
+                .height
+                .map(|h| format!(" at height {h}"))
+                .unwrap_or_default();
+            let version = next
+                .version
+                .as_ref()
+                .map(|v| format!(" ({v})"))
+                .unwrap_or_default();
+            let ready = if next.binary_ready {
+                c.green(&next.reason)
+            } else {
+                c.yellow(&next.reason)
+            };
+            format!("upgrade {}{at}{version}: {ready}", next.name)
+        }
+        None => "none in the manifest".into(),
+    };
+    let _ = writeln!(out, "{}     {next}", c.bold("next:"));
+    let pending = match (&status.pending.name, status.pending.height) {
+        (Some(name), Some(h)) => format!("{name} at height {h}: {}", status.pending.reason),
+        _ => status.pending.reason.clone(),
+    };
+    let _ = writeln!(out, "{}  {pending}", c.bold("pending:"));
+    let node = &status.node;
+    let line = match node.height {
+        Some(h) => {
+            let mut line = format!("height {h}");
+            if let Some(ms) = node.block_time_ms {
+                let _ = write!(line, ", {:.2}s per block", ms as f64 / 1000.0);
+            }
+            if let (Some(next), Some(left)) = (&status.next, node.blocks_remaining) {
+                let _ = write!(line, ": {} in {left} blocks", next.name);
+                if let Some(eta) = node.eta_seconds {
+                    let _ = write!(
+                        line,
+                        ", about {}",
+                        crate::time::human_duration(std::time::Duration::from_secs(eta))
+                    );
+                }
+            }
+            line
+        }
+        None => node.reason.clone(),
+    };
+    let _ = writeln!(out, "{}     {line}", c.bold("node:"));
+    out
+}

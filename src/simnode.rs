@@ -544,9 +544,10 @@ impl Node {
         let shared = Arc::clone(&self.shared);
         let version = self.sim.version.clone();
         let offset = self.sim.rpc_height_offset;
+        let interval = self.sim.block_time;
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
-                let _ = serve(stream, &shared, &version, offset);
+                let _ = serve(stream, &shared, &version, offset, interval);
             }
         });
         Ok(Some(addr))
@@ -589,6 +590,7 @@ fn serve(
     shared: &Shared,
     version: &str,
     offset: u64,
+    interval: Duration,
 ) -> std::io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut request = Vec::new();
@@ -625,6 +627,29 @@ fn serve(
                     "catching_up": false,
                 },
             },
+        });
+        ("200 OK", body.to_string())
+    } else if let Some(asked) = (method == "GET" && path == "/block")
+        .then(|| {
+            target
+                .split_once("height=")
+                .and_then(|(_, h)| h.split('&').next()?.parse::<u64>().ok())
+        })
+        .flatten()
+        .filter(|&h| h >= 1 && h <= shared.height.load(Ordering::SeqCst).saturating_sub(offset))
+    {
+        // Blocks came at the configured interval: block N's time is the latest's minus the gap.
+        let latest = shared.height.load(Ordering::SeqCst).saturating_sub(offset);
+        let gap = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .saturating_mul(latest - asked);
+        let time = crate::time::rfc3339_nanos(
+            shared.block_time.load(Ordering::SeqCst).saturating_sub(gap),
+        );
+        let body = serde_json::json!({
+            "jsonrpc": "2.0",
+            "id": -1,
+            "result": {"block": {"header": {"chain_id": "simnet", "height": asked.to_string(), "time": time}}},
         });
         ("200 OK", body.to_string())
     } else {

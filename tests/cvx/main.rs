@@ -7,3 +7,4 @@ mod ctx;
 mod examples;
 mod manifest;
 mod plan;
+mod status;
