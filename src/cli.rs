@@ -37,6 +37,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Rehearse the whole flow offline on a simulated chain: plan, apply, run through two upgrades.
+    Demo {
+        /// Keep the rehearsal's temp dir for inspection.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Validate the manifest and show what apply would change in the Cosmovisor tree.
     Plan(PlanArgs),
     /// Download, verify and atomically stage every binary the plan needs.
@@ -196,6 +202,8 @@ pub enum Error {
     Run(#[from] crate::run::RunError),
     #[error("{0}")]
     Usage(String),
+    #[error("the demo failed")]
+    Demo(#[from] crate::demo::DemoError),
 }
 
 impl Error {
@@ -218,6 +226,7 @@ impl Error {
             Error::Apply(_) => None,
             Error::Run(crate::run::RunError::Config(_)) => Some("see README, `cvx run`, for every variable and its default".into()),
             Error::Run(_) | Error::Usage(_) => None,
+            Error::Demo(_) => Some("rerun with --keep to inspect the rehearsal's files".into()),
         }
     }
 }
@@ -285,6 +294,10 @@ pub fn problem_report(
 
 pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
+        Command::Demo { keep } => {
+            crate::demo::run(keep)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plan(args) => run_plan(args),
         Command::Apply(args) => run_apply(args),
         Command::Status(args) => run_status(args),

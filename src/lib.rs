@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod demo;
 pub mod duration;
 pub mod hash;
 pub mod manifest;

@@ -4,6 +4,7 @@
 mod support;
 
 mod ctx;
+mod demo;
 mod examples;
 mod manifest;
 mod plan;
