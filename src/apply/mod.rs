@@ -379,7 +379,14 @@ pub async fn execute(
 type TargetResult = (usize, Result<(u64, bool), String>);
 
 /// Install a verified download at each of its destinations, with receipts; then drop it.
-fn install_all(layout: &Layout, fetched: &fetch::Fetched, url: &str, sha256: &str, daemon: &str, targets: &[Target]) -> Vec<TargetResult> {
+fn install_all(
+    layout: &Layout,
+    fetched: &fetch::Fetched,
+    url: &str,
+    sha256: &str,
+    daemon: &str,
+    targets: &[Target],
+) -> Vec<TargetResult> {
     let results = targets
         .iter()
         .map(|target| {
@@ -391,7 +398,8 @@ fn install_all(layout: &Layout, fetched: &fetch::Fetched, url: &str, sha256: &st
                 destination: &target.destination,
                 mode: target.mode,
             };
-            let result = stage(layout, &fetched.path, &staged, targets.len() == 1).map(|size| (size, fetched.resumed));
+            let result = stage(layout, &fetched.path, &staged, targets.len() == 1)
+                .map(|size| (size, fetched.resumed));
             (target.index, result)
         })
         .collect();
@@ -417,7 +425,12 @@ pub struct Staging<'a> {
 
 /// Install the verified download `file` as `staging` says, with its receipt. `consume` lets the
 /// download itself be moved into place. Returns the installed size; errors as one line.
-pub fn stage(layout: &Layout, file: &std::path::Path, staging: &Staging<'_>, consume: bool) -> Result<u64, String> {
+pub fn stage(
+    layout: &Layout,
+    file: &std::path::Path,
+    staging: &Staging<'_>,
+    consume: bool,
+) -> Result<u64, String> {
     let receipts = layout.receipts();
     let dest = layout.root().join(staging.destination);
     let source = install::Source {
@@ -428,9 +441,16 @@ pub fn stage(layout: &Layout, file: &std::path::Path, staging: &Staging<'_>, con
         daemon: staging.daemon,
         consume,
     };
-    receipt::remove(&receipts, staging.destination).map_err(|e| format!("cannot remove the old receipt of {}: {e}", staging.destination))?;
-    let installed = install::install(&source, &dest, staging.mode, &layout.cvx().join("replaced")).map_err(|e| error_chain(&e))?;
-    let meta = fs::metadata(&dest).map_err(|e| format!("cannot inspect {}: {e}", dest.display()))?;
+    receipt::remove(&receipts, staging.destination).map_err(|e| {
+        format!(
+            "cannot remove the old receipt of {}: {e}",
+            staging.destination
+        )
+    })?;
+    let installed = install::install(&source, &dest, staging.mode, &layout.cvx().join("replaced"))
+        .map_err(|e| error_chain(&e))?;
+    let meta =
+        fs::metadata(&dest).map_err(|e| format!("cannot inspect {}: {e}", dest.display()))?;
     let receipt = Receipt {
         path: staging.destination.to_string(),
         sha256: installed.sha256,
@@ -440,14 +460,16 @@ pub fn stage(layout: &Layout, file: &std::path::Path, staging: &Staging<'_>, con
         member: installed.member,
         identity: FileIdentity::of(&meta),
     };
-    receipt::write(&receipts, &receipt).map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
+    receipt::write(&receipts, &receipt)
+        .map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
     tracing::info!("staged {} from {}", staging.destination, staging.url);
     Ok(installed.size)
 }
 
 /// `current -> genesis`, relative as Cosmovisor writes it.
 fn create_current(layout: &Layout) -> Result<(), ApplyError> {
-    install::point_current(layout, crate::tree::GENESIS).map_err(io_err("point current at genesis in", layout.root()))
+    install::point_current(layout, crate::tree::GENESIS)
+        .map_err(io_err("point current at genesis in", layout.root()))
 }
 
 /// An error and its causes on one line, for per-action reports.

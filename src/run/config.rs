@@ -88,17 +88,30 @@ impl Sources {
         }
         let key = name.to_ascii_lowercase();
         let value = self.file.get(&key)?;
-        let at = format!("{key} in {}", self.file_path.as_deref().unwrap_or(Path::new("?")).display());
+        let at = format!(
+            "{key} in {}",
+            self.file_path
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display()
+        );
         match value {
             toml::Value::String(s) => Some((s.clone(), at)),
             toml::Value::Boolean(b) => Some((b.to_string(), at)),
             // Go's config.toml stores durations as integer nanoseconds.
-            toml::Value::Integer(i) if name.ends_with("_DELAY") || name.ends_with("_GRACE") || name.ends_with("_INTERVAL") => {
+            toml::Value::Integer(i)
+                if name.ends_with("_DELAY")
+                    || name.ends_with("_GRACE")
+                    || name.ends_with("_INTERVAL") =>
+            {
                 Some((format!("{i}ns"), at))
             }
             toml::Value::Integer(i) => Some((i.to_string(), at)),
             other => {
-                self.problems.push(format!("{at}: expected a string, boolean or integer, found {}", other.type_str()));
+                self.problems.push(format!(
+                    "{at}: expected a string, boolean or integer, found {}",
+                    other.type_str()
+                ));
                 None
             }
         }
@@ -111,7 +124,8 @@ impl Sources {
             Some((v, _)) if v.eq_ignore_ascii_case("true") => true,
             Some((v, _)) if v.eq_ignore_ascii_case("false") => false,
             Some((v, at)) => {
-                self.problems.push(format!("{at}={v:?} is not a boolean (use true or false)"));
+                self.problems
+                    .push(format!("{at}={v:?} is not a boolean (use true or false)"));
                 default
             }
         }
@@ -125,7 +139,9 @@ impl Sources {
         match crate::duration::parse(&v) {
             Ok(d) if d > Duration::ZERO => Some(d),
             Ok(_) => {
-                self.problems.push(format!("{at}={v:?} must be positive (use e.g. 300ms, 10s, 1m30s)"));
+                self.problems.push(format!(
+                    "{at}={v:?} must be positive (use e.g. 300ms, 10s, 1m30s)"
+                ));
                 None
             }
             Err(e) => {
@@ -141,7 +157,10 @@ impl Sources {
 }
 
 /// Read the configuration from `env` (the process environment) and an optional config file.
-pub fn load(env: impl IntoIterator<Item = (String, String)>, config_file: Option<&Path>) -> Result<Config, ConfigError> {
+pub fn load(
+    env: impl IntoIterator<Item = (String, String)>,
+    config_file: Option<&Path>,
+) -> Result<Config, ConfigError> {
     let mut sources = Sources {
         env: env
             .into_iter()
@@ -156,28 +175,44 @@ pub fn load(env: impl IntoIterator<Item = (String, String)>, config_file: Option
             Ok(text) => match text.parse::<toml::Table>() {
                 Ok(table) => {
                     for (key, value) in table {
-                        if VARIABLES.iter().any(|(name, _)| name.eq_ignore_ascii_case(&key)) {
+                        if VARIABLES
+                            .iter()
+                            .any(|(name, _)| name.eq_ignore_ascii_case(&key))
+                        {
                             sources.file.insert(key, value);
                         } else {
                             tracing::warn!("{}: ignoring unknown key {key:?}", path.display());
                         }
                     }
                 }
-                Err(e) => sources.problems.push(format!("{} is not valid TOML: {}", path.display(), e.message())),
+                Err(e) => sources.problems.push(format!(
+                    "{} is not valid TOML: {}",
+                    path.display(),
+                    e.message()
+                )),
             },
-            Err(e) => sources.problems.push(format!("cannot read {}: {e}", path.display())),
+            Err(e) => sources
+                .problems
+                .push(format!("cannot read {}: {e}", path.display())),
         }
     }
 
     let home = sources.string("DAEMON_HOME").map(PathBuf::from);
     match &home {
-        None => sources.problems.push("DAEMON_HOME is not set (the node's home, e.g. /var/lib/osmosis)".into()),
-        Some(h) if !h.is_absolute() => sources.problems.push(format!("DAEMON_HOME={:?} is not an absolute path", h.display())),
+        None => sources
+            .problems
+            .push("DAEMON_HOME is not set (the node's home, e.g. /var/lib/osmosis)".into()),
+        Some(h) if !h.is_absolute() => sources.problems.push(format!(
+            "DAEMON_HOME={:?} is not an absolute path",
+            h.display()
+        )),
         _ => {}
     }
     let name = sources.string("DAEMON_NAME");
     match &name {
-        None => sources.problems.push("DAEMON_NAME is not set (the daemon's file name, e.g. osmosisd)".into()),
+        None => sources
+            .problems
+            .push("DAEMON_NAME is not set (the daemon's file name, e.g. osmosisd)".into()),
         Some(n) => {
             if let Some(why) = crate::manifest::unsafe_name(n) {
                 sources.problems.push(format!("DAEMON_NAME={n:?} {why}"));
@@ -189,34 +224,49 @@ pub fn load(env: impl IntoIterator<Item = (String, String)>, config_file: Option
     let restart_after_upgrade = sources.boolean("DAEMON_RESTART_AFTER_UPGRADE", true);
     let restart_delay = sources.duration("DAEMON_RESTART_DELAY");
     let shutdown_grace = sources.duration("DAEMON_SHUTDOWN_GRACE");
-    let poll_interval = sources.duration("DAEMON_POLL_INTERVAL").unwrap_or(Duration::from_millis(300));
+    let poll_interval = sources
+        .duration("DAEMON_POLL_INTERVAL")
+        .unwrap_or(Duration::from_millis(300));
     let skip_backup = sources.boolean("UNSAFE_SKIP_BACKUP", false);
     let backup_dir = sources.string("DAEMON_DATA_BACKUP_DIR").map(PathBuf::from);
     if let Some(dir) = &backup_dir
         && !dir.is_absolute()
     {
-        sources.problems.push(format!("DAEMON_DATA_BACKUP_DIR={:?} is not an absolute path", dir.display()));
+        sources.problems.push(format!(
+            "DAEMON_DATA_BACKUP_DIR={:?} is not an absolute path",
+            dir.display()
+        ));
     }
     let preupgrade_max_retries = match sources.get("DAEMON_PREUPGRADE_MAX_RETRIES") {
         None => 0,
         Some((v, _)) if v.is_empty() => 0,
         Some((v, at)) => v.parse().unwrap_or_else(|_| {
-            sources.problems.push(format!("{at}={v:?} is not a non-negative integer"));
+            sources
+                .problems
+                .push(format!("{at}={v:?} is not a non-negative integer"));
             0
         }),
     };
-    let custom_preupgrade = sources.string("COSMOVISOR_CUSTOM_PREUPGRADE").map(PathBuf::from);
+    let custom_preupgrade = sources
+        .string("COSMOVISOR_CUSTOM_PREUPGRADE")
+        .map(PathBuf::from);
     let recase = !sources.boolean("COSMOVISOR_DISABLE_RECASE", false);
     let logs = !sources.boolean("COSMOVISOR_DISABLE_LOGS", false);
     let color_logs = sources.boolean("COSMOVISOR_COLOR_LOGS", true);
     let time_format = match sources.get("COSMOVISOR_TIMEFORMAT_LOGS") {
         None => Some(TIME_FORMATS[TIME_FORMATS.len() - 1].1),
         Some((v, _)) if v.is_empty() => None,
-        Some((v, at)) => match TIME_FORMATS.iter().find(|(name, _)| name.eq_ignore_ascii_case(&v)) {
+        Some((v, at)) => match TIME_FORMATS
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(&v))
+        {
             Some((_, layout)) => Some(*layout),
             None => {
                 let names: Vec<_> = TIME_FORMATS.iter().map(|(n, _)| *n).collect();
-                sources.problems.push(format!("{at}={v:?} is not a known time format (valid: {}, or empty for none)", names.join(", ")));
+                sources.problems.push(format!(
+                    "{at}={v:?} is not a known time format (valid: {}, or empty for none)",
+                    names.join(", ")
+                ));
                 None
             }
         },
@@ -224,7 +274,9 @@ pub fn load(env: impl IntoIterator<Item = (String, String)>, config_file: Option
     let manifest = sources.string("CVX_MANIFEST").map(PathBuf::from);
 
     if !sources.problems.is_empty() {
-        return Err(ConfigError { problems: sources.problems });
+        return Err(ConfigError {
+            problems: sources.problems,
+        });
     }
     let home = home.expect("checked above");
     let custom_preupgrade = custom_preupgrade.map(|script| home.join("cosmovisor").join(script));
@@ -254,7 +306,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]

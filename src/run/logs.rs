@@ -40,9 +40,28 @@ impl FormatTime for GoTime {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
-const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+const DAYS: [&str; 7] = [
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+];
 
 /// Format `t` in UTC with a Go reference layout ("Mon Jan 2 15:04:05 MST 2006").
 pub fn format_go(layout: &str, t: SystemTime) -> String {
@@ -66,7 +85,11 @@ pub fn format_go(layout: &str, t: SystemTime) -> String {
         (".999999999", {
             let f = format!(".{nanos:09}");
             let trimmed = f.trim_end_matches('0');
-            if trimmed == "." { String::new() } else { trimmed.to_string() }
+            if trimmed == "." {
+                String::new()
+            } else {
+                trimmed.to_string()
+            }
         }),
         (".000", format!(".{:03}", nanos / 1_000_000)),
         ("MST", "UTC".into()),
@@ -129,9 +152,18 @@ mod tests {
         // 2026-11-26 15:04:05.120 UTC, a Thursday.
         let t = UNIX_EPOCH + Duration::from_millis(1_795_705_445_120);
         assert_eq!(format_go("3:04PM", t), "3:04PM");
-        assert_eq!(format_go("2006-01-02T15:04:05Z07:00", t), "2026-11-26T15:04:05Z");
-        assert_eq!(format_go("2006-01-02T15:04:05.999999999Z07:00", t), "2026-11-26T15:04:05.12Z");
-        assert_eq!(format_go("Mon Jan _2 15:04:05 MST 2006", t), "Thu Nov 26 15:04:05 UTC 2026");
+        assert_eq!(
+            format_go("2006-01-02T15:04:05Z07:00", t),
+            "2026-11-26T15:04:05Z"
+        );
+        assert_eq!(
+            format_go("2006-01-02T15:04:05.999999999Z07:00", t),
+            "2026-11-26T15:04:05.12Z"
+        );
+        assert_eq!(
+            format_go("Mon Jan _2 15:04:05 MST 2006", t),
+            "Thu Nov 26 15:04:05 UTC 2026"
+        );
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(11_016), (2000, 2, 29));
     }

@@ -124,12 +124,22 @@ impl Daemon {
             .process_group(0)
             .kill_on_drop(true)
             .spawn()
-            .map_err(|source| RunError::Launch { path: path.clone(), source })?;
-        let pid = child.id().and_then(|id| Pid::from_raw(id as i32)).ok_or_else(|| RunError::Launch {
-            path,
-            source: std::io::Error::other("the daemon exited before it could be watched"),
-        })?;
-        info!(pid = pid.as_raw_nonzero().get(), "started {}", layout.current().join("bin").join(&config.name).display());
+            .map_err(|source| RunError::Launch {
+                path: path.clone(),
+                source,
+            })?;
+        let pid = child
+            .id()
+            .and_then(|id| Pid::from_raw(id as i32))
+            .ok_or_else(|| RunError::Launch {
+                path,
+                source: std::io::Error::other("the daemon exited before it could be watched"),
+            })?;
+        info!(
+            pid = pid.as_raw_nonzero().get(),
+            "started {}",
+            layout.current().join("bin").join(&config.name).display()
+        );
         Ok(Daemon { child, group: pid })
     }
 
@@ -159,7 +169,10 @@ impl Daemon {
                 match tokio::time::timeout(grace, self.wait()).await {
                     Ok(status) => status,
                     Err(_) => {
-                        warn!("the daemon did not exit within DAEMON_SHUTDOWN_GRACE {}; killing it", crate::duration::show(grace));
+                        warn!(
+                            "the daemon did not exit within DAEMON_SHUTDOWN_GRACE {}; killing it",
+                            crate::duration::show(grace)
+                        );
                         self.signal(Signal::KILL);
                         self.wait().await
                     }
@@ -219,7 +232,9 @@ impl Signals {
 }
 
 /// The first of several futures to finish.
-async fn futures_select_all<F: std::future::Future<Output = Signal> + Unpin>(futures: impl Iterator<Item = F>) -> Signal {
+async fn futures_select_all<F: std::future::Future<Output = Signal> + Unpin>(
+    futures: impl Iterator<Item = F>,
+) -> Signal {
     let mut futures: Vec<F> = futures.collect();
     std::future::poll_fn(move |cx| {
         for f in futures.iter_mut() {
@@ -290,7 +305,9 @@ impl Detector {
                     return None;
                 }
                 Some(h) => debug!("the node's RPC reports height {h}"),
-                None => debug!("the node's RPC at {rpc} does not answer; trusting upgrade-info.json"),
+                None => {
+                    debug!("the node's RPC at {rpc} does not answer; trusting upgrade-info.json")
+                }
             }
         }
         self.said_waiting = false;
@@ -307,6 +324,17 @@ impl Detector {
 
 async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
     let layout = Layout::new(&config.home);
+    // As Cosmovisor does: a tree with no `current` link yet (a fresh install) starts at genesis.
+    if let Err(e) = std::fs::symlink_metadata(layout.current())
+        && e.kind() == std::io::ErrorKind::NotFound
+        && layout.root().join("genesis").is_dir()
+    {
+        info!(
+            "{} does not exist: pointing it to genesis",
+            layout.current().display()
+        );
+        crate::apply::install::point_current(&layout, "genesis").map_err(RunError::Setup)?;
+    }
     let mut signals = Signals::new()?;
     let mut detector = Detector {
         watcher: Watcher::new(&layout.upgrade_info(), config.poll_interval),
@@ -323,7 +351,7 @@ async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
         let dir = tree::upgrade_dir(&plan.name, config.recase);
         match upgrade::staged_binary(config, &layout, &dir) {
             Err(e) if !config.allow_download => {
-                warn!(upgrade = %plan.name, height = plan.height, "pending upgrade cannot be applied yet ({e}); starting the current binary");
+                warn!(upgrade = %plan.name, height = plan.height, "pending upgrade cannot be applied yet ({e}); starting the current binary, which will halt for it again: stage the binary (cvx apply) to continue");
                 detector.trigger = Trigger::new(upgrade::current_upgrade(&layout));
             }
             _ => {
@@ -396,7 +424,12 @@ async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
 }
 
 /// Perform the upgrade without letting a signal cut a step in half. Some(code) means exit now.
-async fn run_upgrade(config: &Config, layout: &Layout, plan: &PlanInfo, signals: &mut Signals) -> Result<Option<u8>, RunError> {
+async fn run_upgrade(
+    config: &Config,
+    layout: &Layout,
+    plan: &PlanInfo,
+    signals: &mut Signals,
+) -> Result<Option<u8>, RunError> {
     let work = upgrade::perform(config, layout, plan);
     tokio::pin!(work);
     let mut interrupted = None;
@@ -427,7 +460,13 @@ mod tests {
 
     #[test]
     fn config_pair_is_split_off() {
-        let (file, rest) = split_args(os(&["--cosmovisor-config", "/c.toml", "start", "--home", "/h"]));
+        let (file, rest) = split_args(os(&[
+            "--cosmovisor-config",
+            "/c.toml",
+            "start",
+            "--home",
+            "/h",
+        ]));
         assert_eq!(file, Some(PathBuf::from("/c.toml")));
         assert_eq!(rest, os(&["start", "--home", "/h"]));
         let (file, rest) = split_args(os(&["start", "--cosmovisor-config", "/c.toml"]));
@@ -437,8 +476,21 @@ mod tests {
 
     #[test]
     fn skip_heights_in_both_forms() {
-        assert_eq!(skip_heights(&os(&["start", "--unsafe-skip-upgrades", "10", "20", "--home", "/h"])), vec![10, 20]);
-        assert_eq!(skip_heights(&os(&["start", "--unsafe-skip-upgrades=5,6"])), vec![5, 6]);
+        assert_eq!(
+            skip_heights(&os(&[
+                "start",
+                "--unsafe-skip-upgrades",
+                "10",
+                "20",
+                "--home",
+                "/h"
+            ])),
+            vec![10, 20]
+        );
+        assert_eq!(
+            skip_heights(&os(&["start", "--unsafe-skip-upgrades=5,6"])),
+            vec![5, 6]
+        );
         assert!(skip_heights(&os(&["start"])).is_empty());
     }
 }

@@ -17,7 +17,12 @@ use crate::tree::{self, Layout, PlanInfo};
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
     #[error("backup of {} refused: it needs {need} bytes and {} has {free} free", data.display(), dir.display())]
-    NoRoom { data: PathBuf, dir: PathBuf, need: u64, free: u64 },
+    NoRoom {
+        data: PathBuf,
+        dir: PathBuf,
+        need: u64,
+        free: u64,
+    },
     #[error("cannot back up {} to {}", from.display(), to.display())]
     Backup {
         from: PathBuf,
@@ -28,9 +33,17 @@ pub enum UpgradeError {
     #[error("custom pre-upgrade script {} {outcome}", script.display())]
     CustomScript { script: PathBuf, outcome: String },
     #[error("no binary for upgrade {name:?} at {}{why}", path.display())]
-    Missing { name: String, path: PathBuf, why: String },
+    Missing {
+        name: String,
+        path: PathBuf,
+        why: String,
+    },
     #[error("{} changed since cvx staged it (sha256 {actual}, receipt says {expected}); refusing to run unverified bytes", path.display())]
-    Tampered { path: PathBuf, expected: String, actual: String },
+    Tampered {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     #[error("cannot download the binary for upgrade {name:?}: {reason}")]
     Download { name: String, reason: String },
     #[error("cannot switch current to {dir}")]
@@ -52,7 +65,11 @@ pub enum UpgradeError {
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> UpgradeError + use<> {
     let path = path.to_path_buf();
-    move |source| UpgradeError::Io { action, path, source }
+    move |source| UpgradeError::Io {
+        action,
+        path,
+        source,
+    }
 }
 
 /// `LD_LIBRARY_PATH` for a binary of `stage`: its `lib/` first, then what the environment had.
@@ -66,7 +83,11 @@ pub fn library_path(layout: &Layout, stage: &str) -> OsString {
 }
 
 /// Everything between stop and relaunch, in DESIGN's order.
-pub async fn perform(config: &Config, layout: &Layout, plan: &PlanInfo) -> Result<(), UpgradeError> {
+pub async fn perform(
+    config: &Config,
+    layout: &Layout,
+    plan: &PlanInfo,
+) -> Result<(), UpgradeError> {
     let dir = tree::upgrade_dir(&plan.name, config.recase);
     let (name, height) = (plan.name.as_str(), plan.height);
     if let Some(delay) = config.restart_delay {
@@ -87,7 +108,10 @@ pub async fn perform(config: &Config, layout: &Layout, plan: &PlanInfo) -> Resul
         run_custom_script(config, script, plan).await?;
     }
     ensure_binary(config, layout, plan, &dir).await?;
-    install::point_current(layout, &dir).map_err(|source| UpgradeError::Switch { dir: dir.clone(), source })?;
+    install::point_current(layout, &dir).map_err(|source| UpgradeError::Switch {
+        dir: dir.clone(),
+        source,
+    })?;
     write_plan(layout, &dir, plan)?;
     info!(upgrade = %name, height, "switched current to {dir}");
     pre_upgrade(config, layout, plan, &dir).await
@@ -98,7 +122,8 @@ fn backup(home: &Path, backup_dir: &Path) -> Result<PathBuf, UpgradeError> {
     let data = home.join("data");
     let need = tree_size(&data).map_err(io_err("measure", &data))?;
     fs::create_dir_all(backup_dir).map_err(io_err("create", backup_dir))?;
-    let stat = rustix::fs::statvfs(backup_dir).map_err(|e| io_err("measure free space of", backup_dir)(e.into()))?;
+    let stat = rustix::fs::statvfs(backup_dir)
+        .map_err(|e| io_err("measure free space of", backup_dir)(e.into()))?;
     let free = stat.f_bavail.saturating_mul(stat.f_frsize);
     if need > free {
         return Err(UpgradeError::NoRoom {
@@ -152,7 +177,11 @@ fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
-async fn run_custom_script(config: &Config, script: &Path, plan: &PlanInfo) -> Result<(), UpgradeError> {
+async fn run_custom_script(
+    config: &Config,
+    script: &Path,
+    plan: &PlanInfo,
+) -> Result<(), UpgradeError> {
     info!(upgrade = %plan.name, height = plan.height, "running COSMOVISOR_CUSTOM_PREUPGRADE {}", script.display());
     let status = tokio::process::Command::new(script)
         .arg(&plan.name)
@@ -203,13 +232,21 @@ pub fn staged_binary(config: &Config, layout: &Layout, dir: &str) -> Result<Path
             });
         }
     } else {
-        warn!("{} has no cvx receipt: staged by another tool, not verified by cvx", path.display());
+        warn!(
+            "{} has no cvx receipt: staged by another tool, not verified by cvx",
+            path.display()
+        );
     }
     Ok(path)
 }
 
 /// The binary for `plan`: staged and verified, or downloaded and verified when allowed.
-async fn ensure_binary(config: &Config, layout: &Layout, plan: &PlanInfo, dir: &str) -> Result<(), UpgradeError> {
+async fn ensure_binary(
+    config: &Config,
+    layout: &Layout,
+    plan: &PlanInfo,
+    dir: &str,
+) -> Result<(), UpgradeError> {
     let missing = match staged_binary(config, layout, dir) {
         Ok(path) => {
             info!(upgrade = %plan.name, height = plan.height, "binary {} is staged", path.display());
@@ -236,9 +273,16 @@ async fn ensure_binary(config: &Config, layout: &Layout, plan: &PlanInfo, dir: &
     info!(upgrade = %plan.name, height = plan.height, "downloading {url}");
     let options = fetch::FetchOptions::default();
     let client = fetch::client(&options).map_err(|e| download_err(apply::error_chain(&e)))?;
-    let fetched = fetch::fetch(&client, &url, &sha256, &layout.partial(), &options, &fetch::NoProgress)
-        .await
-        .map_err(|e| download_err(apply::error_chain(&e)))?;
+    let fetched = fetch::fetch(
+        &client,
+        &url,
+        &sha256,
+        &layout.partial(),
+        &options,
+        &fetch::NoProgress,
+    )
+    .await
+    .map_err(|e| download_err(apply::error_chain(&e)))?;
     let destination = format!("{dir}/bin/{}", config.name);
     let (layout, daemon, file) = (layout.clone(), config.name.clone(), fetched.path.clone());
     let result = tokio::task::spawn_blocking(move || {
@@ -261,18 +305,29 @@ async fn ensure_binary(config: &Config, layout: &Layout, plan: &PlanInfo, dir: &
 
 /// Where to download `plan`'s binary from, and its sha256: the manifest's pin when a manifest
 /// is known and names the upgrade, else the plan's `info` with its `?checksum=sha256:...`.
-async fn download_source(config: &Config, plan: &PlanInfo) -> Result<(String, String, Option<String>), String> {
+async fn download_source(
+    config: &Config,
+    plan: &PlanInfo,
+) -> Result<(String, String, Option<String>), String> {
     let platform = crate::cli::host_platform();
     if let Some(path) = &config.manifest {
-        let loaded = crate::manifest::load(path).map_err(|e| format!("manifest {}: {e}", path.display()))?;
+        let loaded =
+            crate::manifest::load(path).map_err(|e| format!("manifest {}: {e}", path.display()))?;
         let pinned = loaded
             .manifest
             .upgrades
             .iter()
-            .find(|u| tree::upgrade_dir(&u.name, config.recase) == tree::upgrade_dir(&plan.name, config.recase))
+            .find(|u| {
+                tree::upgrade_dir(&u.name, config.recase)
+                    == tree::upgrade_dir(&plan.name, config.recase)
+            })
             .and_then(|u| u.binary.get(&platform));
         if let Some(artifact) = pinned {
-            return Ok((artifact.url.clone(), artifact.sha256.clone(), artifact.path.clone()));
+            return Ok((
+                artifact.url.clone(),
+                artifact.sha256.clone(),
+                artifact.path.clone(),
+            ));
         }
     }
     let binaries = plan_binaries(&plan.info).await?;
@@ -285,7 +340,11 @@ async fn download_source(config: &Config, plan: &PlanInfo) -> Result<(String, St
         Some(sha256) => Ok((url, sha256, None)),
         None => Err(format!(
             "{url} carries no ?checksum=sha256:... and no manifest pins it; cvx never runs unverified bytes{}",
-            if config.must_have_checksum { "" } else { " (whatever DAEMON_DOWNLOAD_MUST_HAVE_CHECKSUM says)" }
+            if config.must_have_checksum {
+                ""
+            } else {
+                " (whatever DAEMON_DOWNLOAD_MUST_HAVE_CHECKSUM says)"
+            }
         )),
     }
 }
@@ -300,14 +359,20 @@ async fn plan_binaries(info: &str) -> Result<std::collections::BTreeMap<String, 
     let json = if info.starts_with('{') {
         info.as_bytes().to_vec()
     } else if info.starts_with("http://") || info.starts_with("https://") {
-        let client = fetch::client(&fetch::FetchOptions::default()).map_err(|e| apply::error_chain(&e))?;
+        let client =
+            fetch::client(&fetch::FetchOptions::default()).map_err(|e| apply::error_chain(&e))?;
         let response = client
             .get(info)
             .timeout(Duration::from_secs(30))
             .send()
             .await
             .and_then(|r| r.error_for_status())
-            .map_err(|e| format!("cannot fetch the plan's info from {info}: {}", apply::error_chain(&e)))?;
+            .map_err(|e| {
+                format!(
+                    "cannot fetch the plan's info from {info}: {}",
+                    apply::error_chain(&e)
+                )
+            })?;
         response
             .bytes()
             .await
@@ -316,7 +381,9 @@ async fn plan_binaries(info: &str) -> Result<std::collections::BTreeMap<String, 
     } else if info.is_empty() {
         return Err("the plan carries no info to download from".into());
     } else {
-        return Err(format!("the plan's info is neither JSON nor a URL: {info:?}"));
+        return Err(format!(
+            "the plan's info is neither JSON nor a URL: {info:?}"
+        ));
     };
     serde_json::from_slice::<Info>(&json)
         .map(|i| i.binaries)
@@ -349,7 +416,9 @@ pub fn split_checksum(raw: &str) -> Result<(String, Option<String>), String> {
         Some(c) => {
             let hex = c.strip_prefix("sha256:").unwrap_or(&c);
             if hex.len() != 64 || !hex.chars().all(|ch| ch.is_ascii_hexdigit()) {
-                return Err(format!("checksum {c:?} in {raw} is not sha256:<64 hex digits>"));
+                return Err(format!(
+                    "checksum {c:?} in {raw} is not sha256:<64 hex digits>"
+                ));
             }
             Some(hex.to_ascii_lowercase())
         }
@@ -365,7 +434,8 @@ fn write_plan(layout: &Layout, dir: &str, plan: &PlanInfo) -> Result<(), Upgrade
     let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(io_err("write", &path))?;
     serde_json::to_writer(&mut tmp, &json).map_err(|e| io_err("write", &path)(e.into()))?;
     tmp.as_file().sync_all().map_err(io_err("sync", &path))?;
-    tmp.persist(&path).map_err(|e| io_err("write", &path)(e.error))?;
+    tmp.persist(&path)
+        .map_err(|e| io_err("write", &path)(e.error))?;
     Ok(())
 }
 
@@ -382,7 +452,12 @@ pub fn current_upgrade(layout: &Layout) -> String {
 
 /// `<new binary> pre-upgrade`: 0 done, 1 not implemented (continue), 30 failed, 31 retry up to
 /// DAEMON_PREUPGRADE_MAX_RETRIES; anything else (another code, a signal) is a failure.
-async fn pre_upgrade(config: &Config, layout: &Layout, plan: &PlanInfo, dir: &str) -> Result<(), UpgradeError> {
+async fn pre_upgrade(
+    config: &Config,
+    layout: &Layout,
+    plan: &PlanInfo,
+    dir: &str,
+) -> Result<(), UpgradeError> {
     let binary = layout.root().join(dir).join("bin").join(&config.name);
     let (name, height) = (plan.name.as_str(), plan.height);
     let mut attempt = 0;
@@ -416,7 +491,10 @@ async fn pre_upgrade(config: &Config, layout: &Layout, plan: &PlanInfo, dir: &st
             }
             Some(31) => {
                 return Err(UpgradeError::PreUpgrade {
-                    outcome: format!("still asked for a retry (exit 31) after {} attempts (DAEMON_PREUPGRADE_MAX_RETRIES={})", attempt, config.preupgrade_max_retries),
+                    outcome: format!(
+                        "still asked for a retry (exit 31) after {} attempts (DAEMON_PREUPGRADE_MAX_RETRIES={})",
+                        attempt, config.preupgrade_max_retries
+                    ),
                 });
             }
             _ => {
@@ -436,9 +514,16 @@ mod tests {
     fn checksums_are_split_off_urls() {
         let sha = "a".repeat(64);
         let (url, sum) = split_checksum(&format!("https://h/x.zip?checksum=sha256:{sha}")).unwrap();
-        assert_eq!((url.as_str(), sum.as_deref()), ("https://h/x.zip", Some(sha.as_str())));
-        let (url, sum) = split_checksum(&format!("https://h/x?a=1&checksum={}", sha.to_uppercase())).unwrap();
-        assert_eq!((url.as_str(), sum.as_deref()), ("https://h/x?a=1", Some(sha.as_str())));
+        assert_eq!(
+            (url.as_str(), sum.as_deref()),
+            ("https://h/x.zip", Some(sha.as_str()))
+        );
+        let (url, sum) =
+            split_checksum(&format!("https://h/x?a=1&checksum={}", sha.to_uppercase())).unwrap();
+        assert_eq!(
+            (url.as_str(), sum.as_deref()),
+            ("https://h/x?a=1", Some(sha.as_str()))
+        );
         assert_eq!(split_checksum("https://h/x").unwrap().1, None);
         assert!(split_checksum("https://h/x?checksum=md5:abc").is_err());
     }

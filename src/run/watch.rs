@@ -40,12 +40,17 @@ impl Watcher {
         if self.watcher.is_some() {
             return;
         }
-        let Some(dir) = self.file.parent() else { return };
+        let Some(dir) = self.file.parent() else {
+            return;
+        };
         let sender = self.sender.clone();
         let name = self.file.file_name().map(|n| n.to_os_string());
         let made = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let relevant = match &event {
-                Ok(e) => e.paths.iter().any(|p| p.file_name().map(|n| n.to_os_string()) == name),
+                Ok(e) => e
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().map(|n| n.to_os_string()) == name),
                 Err(_) => true,
             };
             if relevant {
@@ -74,11 +79,19 @@ impl Watcher {
         let info = match std::fs::read(&self.file) {
             Ok(bytes) => parse_upgrade_info(&bytes),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => UpgradeInfo::Missing,
-            Err(e) => UpgradeInfo::Invalid { error: e.to_string() },
+            Err(e) => UpgradeInfo::Invalid {
+                error: e.to_string(),
+            },
         };
         match &info {
-            UpgradeInfo::Partial { error } => tracing::debug!("{} is incomplete ({error}); reading it again on the next event", self.file.display()),
-            UpgradeInfo::Invalid { error } => tracing::warn!("{} is not a valid plan ({error}); reading it again on the next event", self.file.display()),
+            UpgradeInfo::Partial { error } => tracing::info!(
+                "{} is incomplete ({error}); reading it again on the next event",
+                self.file.display()
+            ),
+            UpgradeInfo::Invalid { error } => tracing::warn!(
+                "{} is not a valid plan ({error}); reading it again on the next event",
+                self.file.display()
+            ),
             _ => {}
         }
         info

@@ -11,7 +11,11 @@ const UNIT: &str = include_str!("../../examples/systemd/cvx.service");
 fn unit_settings() -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     let mut settings = BTreeMap::new();
     let mut env = BTreeMap::new();
-    for line in UNIT.lines().map(str::trim).filter(|l| !l.starts_with('#') && l.contains('=')) {
+    for line in UNIT
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+    {
         let (key, value) = line.split_once('=').unwrap();
         if key == "Environment" {
             let (name, v) = value.split_once('=').unwrap();
@@ -36,23 +40,36 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         .output()
         .expect("systemd-analyze is missing: scripts/test installs it (apt-get install systemd)");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "systemd-analyze verify failed:\n{stderr}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stderr}"
+    );
     // verify exits 0 on settings it ignores; an ignored setting is a broken unit all the same.
-    assert!(stderr.trim().is_empty(), "systemd-analyze verify complained:\n{stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "systemd-analyze verify complained:\n{stderr}"
+    );
 }
 
 #[test]
 fn systemd_unit_agrees_with_cvx_signal_handling() {
     let (settings, env) = unit_settings();
-    assert!(settings["ExecStart"].contains("cvx run start --home"), "cvx run stands where cosmovisor run did");
+    assert!(
+        settings["ExecStart"].contains("cvx run start --home"),
+        "cvx run stands where cosmovisor run did"
+    );
     // cvx forwards SIGTERM to the node and exits after it: only cvx is to be signalled.
     assert_eq!(settings["KillMode"], "mixed");
     assert_eq!(settings["KillSignal"], "SIGTERM");
     let stop = cvx::duration::parse(&settings["TimeoutStopSec"]).unwrap();
     let grace = cvx::duration::parse(&env["DAEMON_SHUTDOWN_GRACE"]).unwrap();
-    assert!(stop > grace, "TimeoutStopSec {stop:?} must exceed DAEMON_SHUTDOWN_GRACE {grace:?}");
+    assert!(
+        stop > grace,
+        "TimeoutStopSec {stop:?} must exceed DAEMON_SHUTDOWN_GRACE {grace:?}"
+    );
     assert!(settings.contains_key("LimitNOFILE") && settings.contains_key("Restart"));
     // The environment is one cvx run accepts: load it as cvx would.
     let env: Vec<(String, String)> = env.into_iter().collect();
-    cvx::run::config::load(env, None).expect("the unit's environment is a valid cvx run configuration");
+    cvx::run::config::load(env, None)
+        .expect("the unit's environment is a valid cvx run configuration");
 }

@@ -8,4 +8,5 @@ mod demo;
 mod examples;
 mod manifest;
 mod plan;
+mod run;
 mod status;
