@@ -120,6 +120,13 @@ pub struct PlanArgs {
     /// Plan for this platform instead of the host's, e.g. linux/arm64.
     #[arg(long, value_name = "OS/ARCH")]
     pub platform: Option<String>,
+    /// Download every artifact of every declared platform (writing nothing) and prove its sha256;
+    /// exit 1 on any mismatch or unreachable URL. For CI.
+    #[arg(long)]
+    pub verify_remote: bool,
+    /// Downloads at once for --verify-remote.
+    #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub jobs: u16,
 }
 
 #[derive(Debug, Args)]
@@ -204,6 +211,8 @@ pub enum Error {
     Usage(String),
     #[error("the demo failed")]
     Demo(#[from] crate::demo::DemoError),
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl Error {
@@ -225,7 +234,7 @@ impl Error {
             Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other apply to finish, or raise --lock-timeout".into()),
             Error::Apply(_) => None,
             Error::Run(crate::run::RunError::Config(_)) => Some("see README, `cvx run`, for every variable and its default".into()),
-            Error::Run(_) | Error::Usage(_) => None,
+            Error::Run(_) | Error::Usage(_) | Error::Runtime(_) => None,
             Error::Demo(_) => Some("rerun with --keep to inspect the rehearsal's files".into()),
         }
     }
@@ -426,13 +435,24 @@ pub fn compute_plan(
 fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
-    let plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;
+    let mut plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;
+    if args.verify_remote {
+        plan.remote = runtime()?
+            .block_on(crate::verify::verify_remote(
+                &loaded.manifest,
+                usize::from(args.jobs),
+                &FetchOptions::default(),
+            ))
+            .map_err(ApplyError::from)?;
+    }
     if args.common.json {
         print!("{}", render::json(&plan));
     } else {
         print!("{}", render::plan_human(&plan, Colors::for_stdout()));
     }
-    let code = if args.detailed_exitcode && plan.has_changes() {
+    let code = if plan.remote.iter().any(|c| !c.ok) {
+        exit::ERROR
+    } else if args.detailed_exitcode && plan.has_changes() {
         exit::CHANGES
     } else {
         exit::OK
@@ -472,15 +492,7 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode, Error> {
                 Arc::new(crate::progress::Bars::new())
             }
         };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| ApplyError::Io {
-                action: "start the async runtime for",
-                path: home.clone(),
-                source,
-            })?;
-        runtime.block_on(apply::execute(&plan, &layout, &options, reporter))?
+        runtime()?.block_on(apply::execute(&plan, &layout, &options, reporter))?
     };
     if args.common.json {
         print!("{}", render::json(&report));
@@ -501,15 +513,7 @@ fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
     let plan = compute_plan(&loaded, home.clone(), None, false)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| ApplyError::Io {
-            action: "start the async runtime for",
-            path: home.clone().unwrap_or_default(),
-            source,
-        })?;
-    let node = runtime.block_on(crate::status::node(home.as_deref()));
+    let node = runtime()?.block_on(crate::status::node(home.as_deref()));
     let status = crate::status::status(&plan, node);
     if args.common.json {
         print!("{}", render::json(&status));
@@ -517,4 +521,12 @@ fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
         print!("{}", render::status_human(&status, Colors::for_stdout()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A runtime for the commands that do network I/O.
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)
 }

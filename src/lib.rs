@@ -18,3 +18,4 @@ pub mod simnode;
 pub mod status;
 pub mod time;
 pub mod tree;
+pub mod verify;

@@ -27,6 +27,9 @@ pub struct Plan {
     pub pending: PendingPlan,
     pub warnings: Vec<String>,
     pub summary: Summary,
+    /// `--verify-remote`: every artifact of every platform downloaded and checked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<crate::verify::RemoteCheck>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
@@ -316,6 +319,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
         pending,
         warnings,
         summary,
+        remote: Vec::new(),
     }
 }
 

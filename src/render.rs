@@ -154,6 +154,39 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         pending.reason
     );
 
+    if !plan.remote.is_empty() {
+        let failed = plan.remote.iter().filter(|r| !r.ok).count();
+        let _ = writeln!(
+            out,
+            "\n{} {} artifacts downloaded and checked, {} ok, {failed} failed",
+            c.bold("remote:"),
+            plan.remote.len(),
+            plan.remote.len() - failed
+        );
+        for r in &plan.remote {
+            let mark = if r.ok { c.green("ok  ") } else { c.red("FAIL") };
+            let status = r.http_status.map(|s| format!("{s}, ")).unwrap_or_default();
+            let size = r
+                .size
+                .map(|b| format!("{}, ", human_size(b)))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "  {mark} {}  {status}{size}{} ms  ({})",
+                r.url,
+                r.millis,
+                r.used_by.join("; ")
+            );
+            if let Some(error) = &r.error {
+                let _ = writeln!(
+                    out,
+                    "       {}",
+                    c.red(error.lines().next().unwrap_or(error))
+                );
+            }
+        }
+    }
+
     if !plan.warnings.is_empty() {
         out.push('\n');
         for w in &plan.warnings {

@@ -725,6 +725,126 @@ async fn download(
     }
 }
 
+/// What [`digest`] found: the sha256 and size of what `source` serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub sha256: String,
+    pub size: u64,
+    /// The HTTP status of the last response (None for local files).
+    pub status: Option<u16>,
+}
+
+/// Stream `source` through SHA-256 without writing it anywhere (`cvx plan --verify-remote`).
+/// Transient failures are retried from the start, as `opts` says; the size cap applies.
+pub async fn digest(
+    client: &reqwest::Client,
+    source: &str,
+    opts: &FetchOptions,
+) -> Result<Digest, FetchError> {
+    let url = match Origin::parse(source)? {
+        Origin::Local(path) => {
+            let io = |e| FetchError::Io {
+                url: source.to_owned(),
+                action: "read",
+                path: path.clone(),
+                source: e,
+            };
+            let mut file = File::open(&path).await.map_err(io)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; CHUNK];
+            let mut size = 0u64;
+            loop {
+                let n = file.read(&mut buf).await.map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                size += n as u64;
+            }
+            return Ok(Digest {
+                sha256: hasher.finish(),
+                size,
+                status: None,
+            });
+        }
+        Origin::Remote(url) => url,
+    };
+    let mut delay = opts.backoff;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let error = match digest_once(client, &url, source, opts).await {
+            Ok(found) => return Ok(found),
+            Err(error) => error,
+        };
+        if !error.is_retryable() || attempts > opts.retries {
+            return Err(error);
+        }
+        warn!(url = source, attempt = attempts, retry_in = ?delay, error = %DisplayChain(&error), "verification download failed; retrying");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(MAX_BACKOFF.max(opts.backoff));
+    }
+}
+
+async fn digest_once(
+    client: &reqwest::Client,
+    url: &Url,
+    source: &str,
+    opts: &FetchOptions,
+) -> Result<Digest, FetchError> {
+    let mut response = client
+        .get(url.clone())
+        .send()
+        .await
+        .map_err(|e| request_error(source, e))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(FetchError::Status {
+            url: source.to_owned(),
+            status,
+        });
+    }
+    let too_large = |size| FetchError::TooLarge {
+        url: source.to_owned(),
+        size,
+        max: opts.max_size,
+    };
+    if let Some(length) = response.content_length()
+        && length > opts.max_size
+    {
+        return Err(too_large(length));
+    }
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    loop {
+        let chunk = response.chunk().await.map_err(|e| FetchError::Body {
+            url: source.to_owned(),
+            received: size,
+            source: e,
+        })?;
+        let Some(chunk) = chunk else { break };
+        size += chunk.len() as u64;
+        if size > opts.max_size {
+            return Err(too_large(size));
+        }
+        hasher.update(&chunk);
+    }
+    if let Some(total) = response.content_length()
+        && size < total
+    {
+        return Err(FetchError::Truncated {
+            url: source.to_owned(),
+            received: size,
+            total,
+        });
+    }
+    Ok(Digest {
+        sha256: hasher.finish(),
+        size,
+        status: Some(status.as_u16()),
+    })
+}
+
 /// A finished attempt: the digest of the whole file, and whether bytes held before it were kept.
 struct Done {
     resumed: bool,
@@ -863,16 +983,19 @@ async fn request(
             request = request.header(header::IF_RANGE, validator);
         }
     }
-    request.send().await.map_err(|e| request_error(part, e))
+    request
+        .send()
+        .await
+        .map_err(|e| request_error(&part.url, e))
 }
 
-fn request_error(part: &Partial, error: reqwest::Error) -> FetchError {
+fn request_error(url: &str, error: reqwest::Error) -> FetchError {
     if error.is_redirect() {
         let mut cause = error.source();
         while let Some(err) = cause {
             if let Some(RedirectRefusal::Downgrade { from, to }) = err.downcast_ref() {
                 return FetchError::InsecureRedirect {
-                    url: part.url.clone(),
+                    url: url.to_owned(),
                     from: from.clone(),
                     to: to.clone(),
                 };
@@ -880,12 +1003,12 @@ fn request_error(part: &Partial, error: reqwest::Error) -> FetchError {
             cause = err.source();
         }
         return FetchError::Request {
-            url: part.url.clone(),
+            url: url.to_owned(),
             source: error,
         };
     }
     FetchError::Request {
-        url: part.url.clone(),
+        url: url.to_owned(),
         source: error.without_url(),
     }
 }
@@ -1028,10 +1151,8 @@ mod tests {
             }))
             .build()
             .unwrap();
-        let part = Partial::new(&server.url("/a"), Path::new("/unused"), &"0".repeat(64));
-
         let err = client.get(server.url("/a")).send().await.unwrap_err();
-        let err = request_error(&part, err);
+        let err = request_error(&server.url("/a"), err);
 
         match &err {
             FetchError::InsecureRedirect { url, from, to } => {

@@ -10,3 +10,4 @@ mod manifest;
 mod plan;
 mod run;
 mod status;
+mod verify;
