@@ -54,6 +54,13 @@ pub enum Command {
     Run(RunArgs),
     /// Print the JSON Schema of the manifest (or of plan's JSON output).
     Schema(SchemaArgs),
+    /// Write a manifest from another source of truth (the chain registry).
+    Import {
+        #[command(subcommand)]
+        source: crate::import::ImportCommand,
+    },
+    /// Fill every empty sha256 in the manifest by downloading the artifact (trust on first use).
+    Pin(crate::pin::PinArgs),
     /// Print a shell completion script, e.g. `cvx completions bash > /etc/bash_completion.d/cvx`.
     Completions { shell: clap_complete::Shell },
     /// The simulated node that `cvx demo` rehearses with (also the `simnode` binary).
@@ -124,6 +131,10 @@ pub struct PlanArgs {
     /// exit 1 on any mismatch or unreachable URL. For CI.
     #[arg(long)]
     pub verify_remote: bool,
+    /// A node's REST endpoint (e.g. http://127.0.0.1:1317): report drift between the manifest
+    /// and the chain's scheduled and applied upgrades; exit 1 on drift that would break the node.
+    #[arg(long, value_name = "URL")]
+    pub node: Option<String>,
     /// Downloads at once for --verify-remote.
     #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
@@ -154,6 +165,11 @@ pub struct ApplyArgs {
     /// Attempts after a transient failure (connection, timeout, 5xx) of one download.
     #[arg(long, default_value_t = 4)]
     pub retries: u32,
+    /// Fail (exit 1) when a binary of this host's platform now in place will not run here: not
+    /// an executable, wrong architecture, missing libraries, too new a glibc, or `<binary>
+    /// version` not printing the manifest's version. The files stay staged. Without it: warnings.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -213,6 +229,12 @@ pub enum Error {
     Demo(#[from] crate::demo::DemoError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Import(#[from] crate::import::ImportError),
+    #[error(transparent)]
+    Pin(#[from] crate::pin::PinError),
+    #[error(transparent)]
+    Drift(#[from] crate::drift::DriftError),
 }
 
 impl Error {
@@ -235,7 +257,10 @@ impl Error {
             Error::Apply(_) => None,
             Error::Run(crate::run::RunError::Config(_)) => Some("see README, `cvx run`, for every variable and its default".into()),
             Error::Run(_) | Error::Usage(_) | Error::Runtime(_) => None,
+            Error::Drift(_) => Some("--node takes the node's REST endpoint (api.address in app.toml), e.g. http://127.0.0.1:1317".into()),
             Error::Demo(_) => Some("rerun with --keep to inspect the rehearsal's files".into()),
+            Error::Import(e) => e.hint(),
+            Error::Pin(e) => e.hint(),
         }
     }
 }
@@ -311,6 +336,8 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Apply(args) => run_apply(args),
         Command::Status(args) => run_status(args),
         Command::Run(args) => Ok(ExitCode::from(crate::run::main(args.args)?)),
+        Command::Import { source } => run_import(source),
+        Command::Pin(args) => run_pin(args),
         Command::Schema(args) => {
             print!("{}", schema(args.which));
             Ok(ExitCode::SUCCESS)
@@ -436,6 +463,8 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
     let mut plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;
+    // Will it run here: staged, verified binaries of this host (src/runnable.rs).
+    plan.runnable = crate::runnable::check_plan(&plan);
     if args.verify_remote {
         plan.remote = runtime()?
             .block_on(crate::verify::verify_remote(
@@ -445,12 +474,17 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
             ))
             .map_err(ApplyError::from)?;
     }
+    if let Some(node) = &args.node {
+        plan.drift = Some(runtime()?.block_on(crate::drift::check(&loaded.manifest, node))?);
+    }
     if args.common.json {
         print!("{}", render::json(&plan));
     } else {
         print!("{}", render::plan_human(&plan, Colors::for_stdout()));
     }
-    let code = if plan.remote.iter().any(|c| !c.ok) {
+    let code = if plan.remote.iter().any(|c| !c.ok)
+        || plan.drift.as_ref().is_some_and(|d| d.has_errors())
+    {
         exit::ERROR
     } else if args.detailed_exitcode && plan.has_changes() {
         exit::CHANGES
@@ -461,38 +495,17 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
 }
 
 fn run_apply(args: ApplyArgs) -> Result<ExitCode, Error> {
-    let loaded = manifest::load(&args.common.manifest)?;
-    let home = home(&args.common, &loaded).ok_or(ApplyError::NoHome)?;
-    let layout = Layout::new(&home);
-    let report = if args.check {
-        apply::check(&compute_plan(
-            &loaded,
-            Some(home.clone()),
-            None,
-            args.verify,
-        )?)
-    } else {
-        // Plan under the lock: what another apply staged meanwhile is seen, not redone.
-        let _lock = apply::lock(&layout, args.lock_timeout)?;
-        let plan = compute_plan(&loaded, Some(home.clone()), None, args.verify)?;
-        let options = apply::Options {
-            jobs: usize::from(args.jobs),
-            force: args.force,
-            fetch: FetchOptions {
-                max_size: args.max_size.saturating_mul(1 << 20),
-                retries: args.retries,
-                ..FetchOptions::default()
-            },
-        };
-        let reporter: Arc<dyn apply::Reporter> = {
-            use std::io::IsTerminal;
-            if args.common.json || args.common.quiet || !std::io::stderr().is_terminal() {
-                Arc::new(apply::Silent)
-            } else {
-                Arc::new(crate::progress::Bars::new())
-            }
-        };
-        runtime()?.block_on(apply::execute(&plan, &layout, &options, reporter))?
+    let report = match apply_report(&args) {
+        Ok(report) => report,
+        // Machines reading --json get one document even when apply could not start.
+        Err(err) if args.common.json => {
+            print!(
+                "{}",
+                render::json(&apply::Report::error(apply::error_chain(&err)))
+            );
+            return Err(err);
+        }
+        Err(err) => return Err(err),
     };
     if args.common.json {
         print!("{}", render::json(&report));
@@ -509,6 +522,40 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode, Error> {
     }))
 }
 
+fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
+    let loaded = manifest::load(&args.common.manifest)?;
+    let home = home(&args.common, &loaded).ok_or(ApplyError::NoHome)?;
+    let layout = Layout::new(&home);
+    if args.check {
+        let plan = compute_plan(&loaded, Some(home), None, args.verify)?;
+        return Ok(apply::check(&plan, args.force));
+    }
+    // Plan under the lock: what another apply staged meanwhile is seen, not redone.
+    let _lock = apply::lock(&layout, args.lock_timeout)?;
+    let plan = compute_plan(&loaded, Some(home.clone()), None, args.verify)?;
+    let options = apply::Options {
+        jobs: usize::from(args.jobs),
+        force: args.force,
+        fetch: FetchOptions {
+            max_size: args.max_size.saturating_mul(1 << 20),
+            retries: args.retries,
+            ..FetchOptions::default()
+        },
+    };
+    let reporter: Arc<dyn apply::Reporter> = {
+        use std::io::IsTerminal;
+        if args.common.json || args.common.quiet || !std::io::stderr().is_terminal() {
+            Arc::new(apply::Silent)
+        } else {
+            Arc::new(crate::progress::Bars::new())
+        }
+    };
+    let mut report = runtime()?.block_on(apply::execute(&plan, &layout, &options, reporter))?;
+    // Will it run here: warnings, or with --strict a failure (src/runnable.rs).
+    crate::runnable::after_apply(&mut report, &plan, &layout, args.strict);
+    Ok(report)
+}
+
 fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
@@ -521,6 +568,16 @@ fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
         print!("{}", render::status_human(&status, Colors::for_stdout()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cvx import chain-registry`: see [`crate::import`].
+fn run_import(source: crate::import::ImportCommand) -> Result<ExitCode, Error> {
+    crate::import::run(source)
+}
+
+/// `cvx pin [--verify]`: see [`crate::pin`].
+fn run_pin(args: crate::pin::PinArgs) -> Result<ExitCode, Error> {
+    crate::pin::run(args)
 }
 
 /// A runtime for the commands that do network I/O.

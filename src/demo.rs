@@ -92,7 +92,7 @@ pub fn run(keep: bool) -> Result<(), DemoError> {
         });
     }
     say(c, "The tree after two upgrades:");
-    print_tree(&home.join("cosmovisor"), &home.join("cosmovisor"), 0);
+    print_tree(&home.join("cosmovisor"), 0);
     step(c, &cvx, &["status", "-m", &m, "--home", &h], &[], 0)?;
     say(
         c,
@@ -249,7 +249,7 @@ fn zip(binary: &[u8]) -> std::io::Result<Vec<u8>> {
 }
 
 /// `tree`-like listing: links with their targets, files with their sizes; cvx's own dir summed up.
-fn print_tree(root: &Path, dir: &Path, depth: usize) {
+fn print_tree(dir: &Path, depth: usize) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -269,7 +269,7 @@ fn print_tree(root: &Path, dir: &Path, depth: usize) {
             println!("{indent}{name}/  (cvx's own: lock, receipts, partial downloads)");
         } else if meta.is_dir() {
             println!("{indent}{name}/");
-            print_tree(root, &path, depth + 1);
+            print_tree(&path, depth + 1);
         } else {
             println!("{indent}{name}  ({} bytes)", meta.len());
         }

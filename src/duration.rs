@@ -72,10 +72,25 @@ pub fn parse(text: &str) -> Result<Duration, String> {
 
 /// Format briefly for messages: `1.5s`, `300ms`.
 pub fn show(d: Duration) -> String {
-    if d >= Duration::from_secs(1) {
-        format!("{:.1}s", d.as_secs_f64())
-    } else {
+    let secs = d.as_secs();
+    if d < Duration::from_secs(1) {
         format!("{}ms", d.as_millis())
+    } else if secs < 60 && d.subsec_millis() != 0 {
+        format!("{:.1}s", d.as_secs_f64())
+    } else if secs < 60 || !secs.is_multiple_of(60) {
+        format!(
+            "{}{}s",
+            if secs >= 60 {
+                format!("{}m", secs / 60)
+            } else {
+                String::new()
+            },
+            secs % 60
+        )
+    } else if secs.is_multiple_of(3600) {
+        format!("{}h", secs / 3600)
+    } else {
+        format!("{}m", secs / 60)
     }
 }
 
@@ -91,6 +106,11 @@ mod tests {
         assert_eq!(parse("0").unwrap(), Duration::ZERO);
         assert_eq!(parse("2us").unwrap(), Duration::from_micros(2));
         assert_eq!(parse("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(show(Duration::from_secs(300)), "5m");
+        assert_eq!(show(Duration::from_secs(90)), "1m30s");
+        assert_eq!(show(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(show(Duration::from_millis(200)), "200ms");
+        assert_eq!(show(Duration::from_secs(7200)), "2h");
         for bad in ["", "5", "-1s", "1x", "ms", "1..5s", "s5"] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

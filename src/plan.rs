@@ -30,6 +30,14 @@ pub struct Plan {
     /// `--verify-remote`: every artifact of every platform downloaded and checked.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub remote: Vec<crate::verify::RemoteCheck>,
+    /// Staged, verified binaries of this host's platform that may not run here (filled by the
+    /// command after the pure plan): wrong architecture, missing libraries, too new a glibc, or
+    /// `version` not printing the declared version. Only binaries with findings.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runnable: Vec<crate::runnable::RunnableCheck>,
+    /// `--node URL`: the manifest compared with the chain's own upgrade plans.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drift: Option<crate::drift::DriftReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
@@ -320,6 +328,8 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
         warnings,
         summary,
         remote: Vec::new(),
+        runnable: Vec::new(),
+        drift: None,
     }
 }
 

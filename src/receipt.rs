@@ -66,16 +66,26 @@ pub fn read(receipts_dir: &Path, rel: &str) -> Option<Receipt> {
         .filter(|r: &Receipt| r.path == rel)
 }
 
-/// Write the receipt atomically (temp file, fsync, rename).
+/// Write the receipt atomically (temp file, fsync, rename), at a file-system time strictly after
+/// the file's last change. Timestamps advance in coarse ticks (a few ms): a receipt written in
+/// the file's own tick is not trusted by `tree` (a change in that tick would not show), so the
+/// write is repeated, briefly, until the clock has moved on.
 pub fn write(receipts_dir: &Path, receipt: &Receipt) -> io::Result<()> {
     let path = receipt_path(receipts_dir, &receipt.path);
     let dir = path.parent().unwrap_or(receipts_dir);
     fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    serde_json::to_writer_pretty(&mut tmp, receipt)?;
-    tmp.write_all(b"\n")?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(&path).map_err(|e| e.error)?;
+    for _ in 0..100 {
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        serde_json::to_writer_pretty(&mut tmp, receipt)?;
+        tmp.write_all(b"\n")?;
+        tmp.as_file().sync_all()?;
+        let written = FileIdentity::of(&tmp.as_file().metadata()?).mtime_ns;
+        tmp.persist(&path).map_err(|e| e.error)?;
+        if written > receipt.identity.ctime_ns {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     fs::File::open(dir)?.sync_all()
 }
 

@@ -187,10 +187,58 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         }
     }
 
-    if !plan.warnings.is_empty() {
+    if let Some(drift) = &plan.drift {
+        let scheduled = match &drift.current_plan {
+            Some(p) => format!("{} at height {}", p.name, p.height),
+            None => "no upgrade scheduled".into(),
+        };
+        let _ = writeln!(
+            out,
+            "\n{} {} at height {}, {scheduled}",
+            c.bold("chain:"),
+            drift.node,
+            drift.latest_height
+        );
+        if let Some(next) = &drift.next {
+            let _ = writeln!(
+                out,
+                "  next: {} at height {}, {} blocks from now",
+                next.name, next.height, next.blocks_remaining
+            );
+        }
+        if drift.findings.is_empty() {
+            let _ = writeln!(
+                out,
+                "  {}",
+                c.green("no drift: the manifest agrees with the chain")
+            );
+        }
+        for f in &drift.findings {
+            let label = match f.severity {
+                crate::drift::Severity::Error => c.red("drift:"),
+                crate::drift::Severity::Warning => c.yellow("stale:"),
+            };
+            let _ = writeln!(out, "  {label} {}: {}", f.upgrade, f.message);
+        }
+    }
+
+    if !plan.warnings.is_empty() || !plan.runnable.is_empty() {
         out.push('\n');
         for w in &plan.warnings {
             let _ = writeln!(out, "{} {w}", c.yellow("warning:"));
+        }
+        // Will it run here (src/runnable.rs): one line per finding.
+        for r in &plan.runnable {
+            for f in &r.findings {
+                let _ = writeln!(
+                    out,
+                    "{} {} ({}): {}",
+                    c.yellow("warning:"),
+                    r.destination,
+                    f.check,
+                    f.message
+                );
+            }
         }
     }
 
@@ -266,6 +314,16 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
                     let _ = writeln!(out, "    {line}");
                 }
             }
+        }
+    }
+    if let Some(error) = &report.error {
+        for (i, line) in error.lines().enumerate() {
+            let label = if i == 0 {
+                c.red("! error: ")
+            } else {
+                "         ".to_string()
+            };
+            let _ = writeln!(out, "{label}{line}");
         }
     }
     let verdict = match (report.failed, report.changed, check) {

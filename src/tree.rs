@@ -308,7 +308,7 @@ pub fn inspect(layout: &Layout, options: &InspectOptions) -> Result<Tree, TreeEr
                     .flatten();
                 let trusted = receipt
                     .as_ref()
-                    .filter(|r| !options.verify && r.identity == FileIdentity::of(&meta))
+                    .filter(|r| !options.verify && receipt_holds(&receipts_dir, &rel, r, &meta))
                     .map(|r| r.sha256.clone());
                 if kind == FileKind::Regular && managed && trusted.is_none() {
                     to_hash.push((stage.clone(), name.clone(), entry.path()));
@@ -340,6 +340,20 @@ pub fn inspect(layout: &Layout, options: &InspectOptions) -> Result<Tree, TreeEr
         }
     }
     Ok(tree)
+}
+
+/// Whether a receipt still vouches for the file: same identity, and written after the file's
+/// last change by a clear clock tick. Timestamps are coarse (a few ms on ext4): a write in the
+/// same tick as the install would leave the identity unchanged, so such a receipt is not trusted
+/// and the file is hashed instead, as git treats "racily clean" entries.
+fn receipt_holds(receipts_dir: &Path, rel: &str, receipt: &Receipt, meta: &fs::Metadata) -> bool {
+    let identity = FileIdentity::of(meta);
+    if receipt.identity != identity {
+        return false;
+    }
+    fs::metadata(receipt::receipt_path(receipts_dir, rel))
+        .map(|m| FileIdentity::of(&m).mtime_ns > identity.ctime_ns)
+        .unwrap_or(false)
 }
 
 type HashResult = Result<(String, u64), TreeError>;
@@ -440,5 +454,57 @@ mod tests {
                 info: "x".into()
             })
         );
+    }
+
+    #[test]
+    fn a_receipt_from_the_files_own_clock_tick_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let file = layout.root().join("genesis/bin/simd");
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, b"binary").unwrap();
+        let meta = std::fs::metadata(&file).unwrap();
+        let receipt = Receipt {
+            path: "genesis/bin/simd".into(),
+            sha256: "recorded".into(),
+            size: 6,
+            source_url: "/src".into(),
+            source_sha256: "pin".into(),
+            member: None,
+            identity: FileIdentity::of(&meta),
+        };
+        receipt::write(&layout.receipts(), &receipt).unwrap();
+        let options = InspectOptions {
+            verify: false,
+            managed: [GENESIS.to_string()].into(),
+        };
+        let sha = |tree: &Tree| {
+            tree.stages[GENESIS].files["bin/simd"]
+                .sha256
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(
+            sha(&inspect(&layout, &options).unwrap()),
+            "recorded",
+            "trusted: written after the file"
+        );
+
+        // Back-date the receipt into the file's tick: a change then would not show, so hash.
+        let path = receipt::receipt_path(&layout.receipts(), "genesis/bin/simd");
+        let ctime = std::time::UNIX_EPOCH
+            + std::time::Duration::from_nanos(receipt.identity.ctime_ns as u64);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(ctime)
+            .unwrap();
+        let tree = inspect(&layout, &options).unwrap();
+        assert_eq!(
+            sha(&tree),
+            crate::hash::sha256_reader(&b"binary"[..]).unwrap().0
+        );
+        assert!(!tree.stages[GENESIS].files["bin/simd"].from_receipt);
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::plan::{ArtifactAction, ArtifactKind, LinkAction, Plan};
+use crate::plan::{ArtifactAction, ArtifactKind, ArtifactPlan, LinkAction, Plan, StagePlan};
 use crate::receipt::{self, FileIdentity, Receipt};
 use crate::tree::Layout;
 use fetch::{FetchError, FetchOptions};
@@ -48,6 +48,9 @@ impl Reporter for Silent {
 pub struct Report {
     pub changed: bool,
     pub failed: bool,
+    /// Why apply could not run at all (bad manifest, locked tree, ...); then no actions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     pub actions: Vec<Action>,
 }
 
@@ -87,8 +90,19 @@ pub struct Action {
 }
 
 impl Report {
+    /// The report of an apply that could not start.
+    pub fn error(message: String) -> Self {
+        Report {
+            changed: false,
+            failed: true,
+            error: Some(message),
+            actions: Vec::new(),
+        }
+    }
+
     fn from_actions(actions: Vec<Action>) -> Self {
         Report {
+            error: None,
             changed: actions
                 .iter()
                 .any(|a| matches!(a.status, Status::Changed | Status::WouldChange)),
@@ -190,15 +204,39 @@ fn read_pid(file: &mut File) -> Option<u32> {
 }
 
 /// The report `--check` gives: what apply would do, without doing it.
-pub fn check(plan: &Plan) -> Report {
+pub fn check(plan: &Plan, force: bool) -> Report {
     let mut actions = artifact_actions(plan, |a| match a.action {
         ArtifactAction::Ok => Status::Unchanged,
         _ => Status::WouldChange,
     });
+    for (index, (stage, artifact)) in artifacts(plan).enumerate() {
+        if let Some(refusal) = refusal(stage, artifact, force) {
+            actions[index].status = Status::Failed;
+            actions[index].error = Some(refusal);
+        }
+    }
     if plan.current.action == LinkAction::Create {
         actions.push(link_action(plan, Status::WouldChange, None));
     }
     Report::from_actions(actions)
+}
+
+/// Every artifact of the plan with its stage, in the order of the report's actions.
+fn artifacts(plan: &Plan) -> impl Iterator<Item = (&StagePlan, &ArtifactPlan)> {
+    plan.upgrades
+        .iter()
+        .flat_map(|s| s.artifacts.iter().map(move |a| (s, a)))
+}
+
+/// Why apply must not execute this action, if it must not: the stage `current` points to holds
+/// the binary a node may be running, and is replaced only with `--force`.
+fn refusal(stage: &StagePlan, artifact: &ArtifactPlan, force: bool) -> Option<String> {
+    (stage.current && artifact.action == ArtifactAction::Replace && !force).then(|| {
+        format!(
+            "current points to {}: cvx does not replace the binary a node may be running without --force",
+            stage.dir
+        )
+    })
 }
 
 fn artifact_actions(
@@ -263,20 +301,13 @@ pub async fn execute(
 
     // Group the work by pin: the same bytes are fetched once, wherever they go.
     let mut groups: BTreeMap<String, (String, Vec<Target>)> = BTreeMap::new();
-    let artifacts = plan
-        .upgrades
-        .iter()
-        .flat_map(|s| s.artifacts.iter().map(move |a| (s, a)));
-    for (index, (stage, artifact)) in artifacts.enumerate() {
+    for (index, (stage, artifact)) in artifacts(plan).enumerate() {
         if artifact.action == ArtifactAction::Ok {
             continue;
         }
-        if stage.current && artifact.action == ArtifactAction::Replace && !options.force {
+        if let Some(refusal) = refusal(stage, artifact, options.force) {
             actions[index].status = Status::Failed;
-            actions[index].error = Some(format!(
-                "current points to {}: cvx does not replace the binary a node may be running without --force",
-                stage.dir
-            ));
+            actions[index].error = Some(refusal);
             continue;
         }
         let mode = match artifact.kind {

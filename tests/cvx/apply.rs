@@ -835,7 +835,17 @@ fn concurrent_applies_take_turns_on_the_lock() {
         .args(["apply", "--json", "--lock-timeout", "200ms", "--home"])
         .arg(&ctx.home);
     let (stdout, stderr) = run(&mut impatient, 1);
-    assert_eq!(stdout, "");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        (&report["failed"], &report["actions"]),
+        (&json!(true), &json!([]))
+    );
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("the tree is locked by another cvx apply")
+    );
     assert!(
         stderr.contains(&format!(
             "error: the tree is locked by another cvx apply (pid {pid}) ({}); gave up after",
@@ -936,6 +946,15 @@ fn the_current_stage_is_replaced_only_with_force() {
     let tampered = b"#!/bin/sh\necho running node, do not touch\n";
     let genesis = ctx.cosmovisor("genesis/bin/simd");
     fs::write(&genesis, tampered).unwrap();
+
+    // Check mode predicts the refusal (Ansible's --check must not promise what apply won't do).
+    let (report, _) = apply(&ctx, &["--check"], 1);
+    assert_eq!(action(&report, "genesis/bin/simd")["status"], "failed");
+    let (report, _) = apply(&ctx, &["--check", "--force"], 0);
+    assert_eq!(
+        action(&report, "genesis/bin/simd")["status"],
+        "would_change"
+    );
 
     let (report, _) = apply(&ctx, &[], 1);
     let g = action(&report, "genesis/bin/simd");
@@ -1048,4 +1067,26 @@ fn one_pin_at_two_destinations_is_fetched_once() {
     assert_eq!(partials(&ctx), Vec::<String>::new());
     let (report, _) = apply(&ctx, &[], 0);
     assert_eq!(report["changed"], false);
+}
+
+#[test]
+fn json_mode_prints_one_document_even_when_apply_cannot_start() {
+    let ctx = Ctx::new();
+    ctx.manifest("[chain]\nid = \"t-1\"\n");
+    let out = ctx
+        .cvx()
+        .args(["apply", "--json", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["changed"], false);
+    assert_eq!(report["failed"], true);
+    assert_eq!(report["actions"], json!([]));
+    assert!(
+        report["error"].as_str().unwrap().contains("problems found"),
+        "{report:#}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing required table [genesis]"));
 }

@@ -3,12 +3,16 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod ansible;
 mod apply;
 mod ctx;
 mod demo;
+mod drift;
 mod examples;
+mod import;
 mod manifest;
 mod plan;
 mod run;
+mod runnable;
 mod status;
 mod verify;

@@ -1,0 +1,259 @@
+//! `cvx plan --node URL`: compare the manifest with what the chain itself says, through a node's
+//! REST API (x/upgrade's `current_plan` and `applied_plan/{name}`, and the latest height).
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::manifest::Manifest;
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct DriftReport {
+    /// The node's REST endpoint asked.
+    pub node: String,
+    pub latest_height: u64,
+    /// The upgrade plan governance has scheduled, if any.
+    pub current_plan: Option<ChainPlan>,
+    pub findings: Vec<Drift>,
+    /// The next upgrade height ahead of the chain, and how far it is.
+    pub next: Option<NextHeight>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, JsonSchema)]
+pub struct ChainPlan {
+    pub name: String,
+    pub height: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// The node would halt without a binary, or at another height than the manifest says.
+    Error,
+    /// The manifest is stale about an upgrade already applied; nothing will break for it.
+    Warning,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Drift {
+    pub severity: Severity,
+    /// The upgrade concerned.
+    pub upgrade: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct NextHeight {
+    pub name: String,
+    pub height: u64,
+    pub blocks_remaining: u64,
+}
+
+impl DriftReport {
+    pub fn has_errors(&self) -> bool {
+        self.findings.iter().any(|f| f.severity == Severity::Error)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriftError {
+    #[error("the node at {url} does not answer")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{url} answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url} did not answer as a Cosmos SDK REST API does: {reason}")]
+    Unexpected { url: String, reason: String },
+}
+
+/// An integer the REST API may give as a JSON string (proto3 JSON int64) or a number.
+fn int(value: &Value) -> Option<u64> {
+    match value {
+        Value::String(s) => s.parse().ok(),
+        other => other.as_u64(),
+    }
+}
+
+async fn get(client: &reqwest::Client, base: &str, path: &str) -> Result<Value, DriftError> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let response = client
+        .get(&url)
+        .send()
+        .await
+        .map_err(|source| DriftError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+    let status = response.status().as_u16();
+    if !response.status().is_success() {
+        return Err(DriftError::Status { url, status });
+    }
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|source| DriftError::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+    serde_json::from_slice(&bytes).map_err(|e| DriftError::Unexpected {
+        url,
+        reason: e.to_string(),
+    })
+}
+
+/// Ask the node, then compare. `node` is its REST endpoint, e.g. `http://127.0.0.1:1317`.
+pub async fn check(manifest: &Manifest, node: &str) -> Result<DriftReport, DriftError> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|source| DriftError::Unreachable {
+            url: node.to_string(),
+            source,
+        })?;
+    let latest = get(
+        &client,
+        node,
+        "/cosmos/base/tendermint/v1beta1/blocks/latest",
+    )
+    .await?;
+    let header = if latest["sdk_block"].is_object() {
+        &latest["sdk_block"]["header"]
+    } else {
+        &latest["block"]["header"]
+    };
+    let latest_height = int(&header["height"]).ok_or_else(|| DriftError::Unexpected {
+        url: format!("{node}/cosmos/base/tendermint/v1beta1/blocks/latest"),
+        reason: "no block.header.height".into(),
+    })?;
+    let plan = get(&client, node, "/cosmos/upgrade/v1beta1/current_plan").await?;
+    let current_plan = match &plan["plan"] {
+        Value::Null => None,
+        p => Some(ChainPlan {
+            name: p["name"].as_str().unwrap_or_default().to_string(),
+            height: int(&p["height"]).unwrap_or(0),
+        }),
+    };
+    let mut applied = Vec::new();
+    for upgrade in &manifest.upgrades {
+        let name =
+            url::form_urlencoded::byte_serialize(upgrade.name.as_bytes()).collect::<String>();
+        let answer = get(
+            &client,
+            node,
+            &format!("/cosmos/upgrade/v1beta1/applied_plan/{name}"),
+        )
+        .await?;
+        applied.push(int(&answer["height"]).filter(|h| *h > 0));
+    }
+    Ok(compare(
+        manifest,
+        node,
+        latest_height,
+        current_plan,
+        &applied,
+    ))
+}
+
+/// The comparison itself, pure: `applied[i]` is where the chain applied `manifest.upgrades[i]`.
+pub fn compare(
+    manifest: &Manifest,
+    node: &str,
+    latest_height: u64,
+    current_plan: Option<ChainPlan>,
+    applied: &[Option<u64>],
+) -> DriftReport {
+    let mut findings = Vec::new();
+    if let Some(plan) = &current_plan {
+        let exact = manifest.upgrades.iter().find(|u| u.name == plan.name);
+        let by_height = manifest
+            .upgrades
+            .iter()
+            .find(|u| u.height == Some(plan.height));
+        match (exact, by_height) {
+            (Some(u), _) => {
+                if let Some(h) = u.height.filter(|h| *h != plan.height) {
+                    findings.push(Drift {
+                        severity: Severity::Error,
+                        upgrade: u.name.clone(),
+                        message: format!("the chain schedules {} at height {}, the manifest says {h}", plan.name, plan.height),
+                    });
+                }
+            }
+            (None, Some(u)) => findings.push(Drift {
+                severity: Severity::Error,
+                upgrade: u.name.clone(),
+                message: format!(
+                    "at height {} the chain schedules {:?}, the manifest names it {:?}; the node will look for upgrades/{}",
+                    plan.height,
+                    plan.name,
+                    u.name,
+                    plan.name.to_lowercase()
+                ),
+            }),
+            (None, None) => findings.push(Drift {
+                severity: Severity::Error,
+                upgrade: plan.name.clone(),
+                message: format!(
+                    "the chain schedules {} at height {} and the manifest lacks it: the node will halt there with no binary",
+                    plan.name, plan.height
+                ),
+            }),
+        }
+    }
+    // Applied upgrades are history: a manifest that disagrees is stale, and nothing breaks for it.
+    for (upgrade, applied_at) in manifest.upgrades.iter().zip(applied) {
+        let Some(at) = *applied_at else { continue };
+        let message = match upgrade.height {
+            Some(h) if h > latest_height => {
+                format!("still expected at {h}, but the chain already applied it at {at}")
+            }
+            Some(h) if h != at => {
+                format!("the chain applied it at height {at}, the manifest says {h}")
+            }
+            Some(_) => continue,
+            None => {
+                format!("already applied at height {at}; the manifest could record height = {at}")
+            }
+        };
+        findings.push(Drift {
+            severity: Severity::Warning,
+            upgrade: upgrade.name.clone(),
+            message,
+        });
+    }
+    // The next height ahead: the chain's own plan first, else the manifest's next upgrade.
+    let next = current_plan
+        .as_ref()
+        .filter(|p| p.height > latest_height)
+        .map(|p| (p.name.clone(), p.height))
+        .or_else(|| {
+            manifest
+                .upgrades
+                .iter()
+                .zip(applied)
+                .filter(|(_, a)| a.is_none())
+                .filter_map(|(u, _)| {
+                    u.height
+                        .filter(|h| *h > latest_height)
+                        .map(|h| (u.name.clone(), h))
+                })
+                .min_by_key(|(_, h)| *h)
+        })
+        .map(|(name, height)| NextHeight {
+            name,
+            height,
+            blocks_remaining: height - latest_height,
+        });
+    DriftReport {
+        node: node.to_string(),
+        latest_height,
+        current_plan,
+        findings,
+        next,
+    }
+}

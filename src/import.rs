@@ -1,0 +1,1127 @@
+//! `cvx import chain-registry`: a manifest written from the chain registry's `chain.json` and/or
+//! `versions.json` (files or http(s) URLs).
+//!
+//! Mapping (README, `cvx import`):
+//! - `[chain]`: `chain_id`, `daemon_name` (or `--chain-id`, `--daemon`); `node_home` becomes `home`
+//!   only when absolute, else a commented suggestion; `platforms` = the platforms every imported
+//!   version has a binary for (the others are dropped, and named on stderr).
+//! - Which versions: by default the second-to-last registry version is the genesis binary and the
+//!   last one the upgrade to come: a node started today from a recent snapshot runs one of the two.
+//!   `--from NAME` starts at NAME, `--all` at the first. Without versions.json, chain.json's
+//!   `codebase` (its recommended version) is the genesis binary.
+//! - Per version: `name` (the plan name, exactly), `height` unless 0 or absent, `version` =
+//!   `recommended_version`, else `tag`, with a leading `v`; a version that is not semver or not
+//!   above the one before it is written as a comment, and so is a height that does not increase.
+//! - Binaries: the URL without its `?checksum=` parameter, whose value (`sha256:HEX` or a bare
+//!   HEX) becomes `sha256`. Without one, `sha256 = ""` with a TODO comment: the manifest is not
+//!   valid until `cvx pin` fills it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use serde::Deserialize;
+use toml_edit::{Array, DocumentMut, InlineTable, Item, Table, Value};
+
+use crate::apply::fetch::{self, FetchError, FetchOptions};
+
+/// The largest registry file read; the biggest chain.json in the registry is well under 1 MiB.
+pub const MAX_SOURCE_SIZE: u64 = 8 << 20;
+
+/// The comment `cvx pin` looks for (and removes) on a line whose sha256 it fills.
+pub const PIN_TODO: &str = "# TODO: no checksum in the registry; run cvx pin";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ImportCommand {
+    /// Write a manifest from a chain-registry chain.json and/or versions.json (paths or URLs).
+    ChainRegistry(ChainRegistryArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChainRegistryArgs {
+    /// chain.json and/or versions.json of one chain, in any order: paths or http(s) URLs.
+    #[arg(required = true, num_args = 1..=2, value_name = "FILE_OR_URL")]
+    pub sources: Vec<String>,
+    /// Write the manifest to OUT instead of stdout (refused if OUT exists, unless --force).
+    #[arg(short, long, value_name = "OUT")]
+    pub output: Option<PathBuf>,
+    /// Overwrite OUT.
+    #[arg(long, requires = "output")]
+    pub force: bool,
+    /// Start at this registry version (its name, e.g. v30): it is the genesis binary and every
+    /// later version an upgrade. Default: the second-to-last version.
+    #[arg(long, value_name = "NAME", conflicts_with = "all")]
+    pub from: Option<String>,
+    /// Import every registry version; the first is the genesis binary.
+    #[arg(long)]
+    pub all: bool,
+    /// Import only this platform (repeatable), e.g. linux/amd64. Default: every platform each
+    /// imported version has a binary for.
+    #[arg(long = "platform", value_name = "OS/ARCH")]
+    pub platforms: Vec<String>,
+    /// The chain-id, when no chain.json is given (or to override it).
+    #[arg(long, value_name = "ID")]
+    pub chain_id: Option<String>,
+    /// The daemon's file name (DAEMON_NAME), when no chain.json is given (or to override it).
+    #[arg(long, value_name = "NAME")]
+    pub daemon: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot download {url}")]
+    Download {
+        url: String,
+        #[source]
+        source: FetchError,
+    },
+    #[error("{source_name} is larger than {max} bytes")]
+    TooLarge { source_name: String, max: u64 },
+    #[error("{source_name} is not a chain-registry file")]
+    Json {
+        source_name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{source_name} is neither a chain-registry chain.json nor a versions.json")]
+    NotRegistry { source_name: String },
+    #[error("{first} and {second} are both a {kind}")]
+    Twice {
+        first: String,
+        second: String,
+        kind: &'static str,
+    },
+    #[error("chain.json describes chain {chain:?} but versions.json {versions:?}")]
+    ChainMismatch { chain: String, versions: String },
+    #[error("no {what} given")]
+    Missing {
+        what: &'static str,
+        flag: &'static str,
+    },
+    #[error("no registry version is named {name:?}")]
+    UnknownVersion { name: String, names: Vec<String> },
+    #[error("the registry has no version to import")]
+    NoVersions,
+    #[error("{flag} chooses among versions.json's versions, and none was given")]
+    NeedsVersions { flag: &'static str },
+    #[error("registry version {name:?} lists no binaries: cvx cannot stage it")]
+    NoBinaries { name: String },
+    #[error("no platform has a binary in every imported version ({detail})")]
+    NoCommonPlatform { detail: String },
+    #[error("registry version {name:?} has no binary for {platform}")]
+    PlatformMissing { name: String, platform: String },
+    #[error("platform {0:?} is not of the form os/arch")]
+    BadPlatform(String),
+    #[error("upgrade name {name:?} {why}")]
+    BadName { name: String, why: &'static str },
+    #[error(
+        "upgrade names {first:?} and {second:?} would share a directory (Cosmovisor lower-cases names)"
+    )]
+    DuplicateName { first: String, second: String },
+    #[error("{} exists", path.display())]
+    Exists { path: PathBuf },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the imported manifest does not validate:\n{0}")]
+    Invalid(String),
+}
+
+impl ImportError {
+    /// The obvious fix, when there is one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            ImportError::NotRegistry { .. } | ImportError::Json { .. } => Some(
+                "pass the chain's chain.json and/or versions.json from cosmos/chain-registry"
+                    .into(),
+            ),
+            ImportError::Missing { flag, .. } => {
+                Some(format!("pass the chain's chain.json too, or {flag}"))
+            }
+            ImportError::UnknownVersion { names, .. } => {
+                Some(format!("versions in the registry: {}", names.join(", ")))
+            }
+            ImportError::NoBinaries { .. } | ImportError::NoCommonPlatform { .. } => Some(
+                "start at a later version with --from NAME, or choose platforms with --platform"
+                    .into(),
+            ),
+            ImportError::PlatformMissing { .. } => {
+                Some("start at a later version with --from NAME, or drop that --platform".into())
+            }
+            ImportError::BadPlatform(_) => Some("use Go's names, e.g. linux/amd64".into()),
+            ImportError::NeedsVersions { .. } | ImportError::NoVersions => {
+                Some("pass the chain's versions.json too".into())
+            }
+            ImportError::Exists { .. } => Some("pass --force to overwrite it".into()),
+            ImportError::ChainMismatch { .. } | ImportError::Twice { .. } => {
+                Some("pass one chain.json and one versions.json of the same chain".into())
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `chain.json`, the fields cvx reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct ChainJson {
+    pub chain_name: Option<String>,
+    pub pretty_name: Option<String>,
+    pub chain_id: Option<String>,
+    pub daemon_name: Option<String>,
+    pub node_home: Option<String>,
+    pub codebase: Option<Codebase>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct Codebase {
+    pub recommended_version: Option<String>,
+    pub tag: Option<String>,
+    pub binaries: Option<BTreeMap<String, String>>,
+}
+
+/// `versions.json`, the fields cvx reads.
+#[derive(Debug, Default, Deserialize)]
+pub struct VersionsJson {
+    pub chain_name: Option<String>,
+    pub versions: Vec<RegistryVersion>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+pub struct RegistryVersion {
+    pub name: String,
+    pub tag: Option<String>,
+    pub height: Option<serde_json::Number>,
+    pub recommended_version: Option<String>,
+    pub binaries: Option<BTreeMap<String, String>>,
+}
+
+/// What the command line asked for, less where to write it.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub from: Option<String>,
+    pub all: bool,
+    pub platforms: Vec<String>,
+    pub chain_id: Option<String>,
+    pub daemon: Option<String>,
+    /// The command that regenerates the manifest, for its header.
+    pub command: String,
+}
+
+/// Registry files as read, with where each came from.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    pub chain: Option<(String, ChainJson)>,
+    pub versions: Option<(String, VersionsJson)>,
+}
+
+/// An artifact written with `sha256 = ""`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpinned {
+    /// `genesis linux/amd64`, `upgrade "v31" linux/arm64`.
+    pub used_by: String,
+    pub url: String,
+}
+
+/// The manifest, and what the operator must hear about it.
+#[derive(Debug)]
+pub struct Imported {
+    pub text: String,
+    pub unpinned: Vec<Unpinned>,
+    /// Notes for stderr: dropped platforms, versions or heights written as comments.
+    pub notes: Vec<String>,
+    /// One line: the chain, genesis, upgrades, platforms.
+    pub summary: String,
+}
+
+/// A registry version, or chain.json's codebase, as imported.
+struct Entry {
+    /// Where it comes from, for comments: `versions.json "v31"`, `chain.json codebase`.
+    origin: String,
+    name: Option<String>,
+    height: Option<u64>,
+    version: Option<String>,
+    binaries: BTreeMap<String, Binary>,
+}
+
+struct Binary {
+    url: String,
+    sha256: Option<String>,
+}
+
+/// `cvx import chain-registry`: read, convert, write, report.
+pub fn run(command: ImportCommand) -> Result<ExitCode, crate::cli::Error> {
+    let ImportCommand::ChainRegistry(args) = command;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(crate::cli::Error::Runtime)?;
+    let inputs = runtime.block_on(read_inputs(&args.sources))?;
+    let options = Options {
+        from: args.from.clone(),
+        all: args.all,
+        platforms: args.platforms.clone(),
+        chain_id: args.chain_id.clone(),
+        daemon: args.daemon.clone(),
+        command: command_line(&args),
+    };
+    let imported = convert(&inputs, &options)?;
+    match &args.output {
+        Some(path) => write_new(path, &imported.text, args.force)?,
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(imported.text.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(|source| ImportError::Write {
+                    path: "stdout".into(),
+                    source,
+                })?;
+        }
+    }
+    for note in &imported.notes {
+        eprintln!("note: {note}");
+    }
+    let target = args
+        .output
+        .as_ref()
+        .map_or("the manifest".to_string(), |p| p.display().to_string());
+    eprintln!("{}", imported.summary);
+    if imported.unpinned.is_empty() {
+        eprintln!("{target}: every artifact is pinned by the registry's own sha256");
+    } else {
+        eprintln!(
+            "warning: {} artifact{} ha{} no checksum in the registry (written as sha256 = \"\"):",
+            imported.unpinned.len(),
+            if imported.unpinned.len() == 1 {
+                ""
+            } else {
+                "s"
+            },
+            if imported.unpinned.len() == 1 {
+                "s"
+            } else {
+                "ve"
+            },
+        );
+        for u in &imported.unpinned {
+            eprintln!("  {}: {}", u.used_by, u.url);
+        }
+        let pin = match &args.output {
+            Some(path) => format!("cvx pin -m {}", path.display()),
+            None => "cvx pin -m FILE".to_string(),
+        };
+        eprintln!(
+            "{target} is NOT valid until those are pinned: run `{pin}` (it downloads each and pins what it serves)"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The command that regenerates the manifest: sources and the options that shape it.
+fn command_line(args: &ChainRegistryArgs) -> String {
+    let mut words = vec!["cvx import chain-registry".to_string()];
+    words.extend(args.sources.iter().cloned());
+    if let Some(from) = &args.from {
+        words.push(format!("--from {from}"));
+    }
+    if args.all {
+        words.push("--all".into());
+    }
+    for p in &args.platforms {
+        words.push(format!("--platform {p}"));
+    }
+    if let Some(id) = &args.chain_id {
+        words.push(format!("--chain-id {id}"));
+    }
+    if let Some(daemon) = &args.daemon {
+        words.push(format!("--daemon {daemon}"));
+    }
+    words.join(" ")
+}
+
+/// Read every source and tell chain.json from versions.json by their content.
+pub async fn read_inputs(sources: &[String]) -> Result<Inputs, ImportError> {
+    let mut inputs = Inputs::default();
+    let mut client = None;
+    for source in sources {
+        let bytes = read_source(source, &mut client).await?;
+        let json_error = |source_err| ImportError::Json {
+            source_name: source.clone(),
+            source: source_err,
+        };
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(json_error)?;
+        let object = value.as_object().ok_or_else(|| ImportError::NotRegistry {
+            source_name: source.clone(),
+        })?;
+        if object.contains_key("versions") {
+            let versions: VersionsJson = serde_json::from_value(value).map_err(json_error)?;
+            if let Some((first, _)) = &inputs.versions {
+                return Err(ImportError::Twice {
+                    first: first.clone(),
+                    second: source.clone(),
+                    kind: "versions.json",
+                });
+            }
+            inputs.versions = Some((source.clone(), versions));
+        } else if ["chain_id", "daemon_name", "codebase"]
+            .iter()
+            .any(|k| object.contains_key(*k))
+        {
+            let chain: ChainJson = serde_json::from_value(value).map_err(json_error)?;
+            if let Some((first, _)) = &inputs.chain {
+                return Err(ImportError::Twice {
+                    first: first.clone(),
+                    second: source.clone(),
+                    kind: "chain.json",
+                });
+            }
+            inputs.chain = Some((source.clone(), chain));
+        } else {
+            return Err(ImportError::NotRegistry {
+                source_name: source.clone(),
+            });
+        }
+    }
+    Ok(inputs)
+}
+
+/// The bytes of a path, a `file://` URL or an http(s) URL, at most [`MAX_SOURCE_SIZE`].
+async fn read_source(
+    source: &str,
+    client: &mut Option<reqwest::Client>,
+) -> Result<Vec<u8>, ImportError> {
+    let too_large = || ImportError::TooLarge {
+        source_name: source.to_string(),
+        max: MAX_SOURCE_SIZE,
+    };
+    if source.starts_with("https://") || source.starts_with("http://") {
+        let download = |e| ImportError::Download {
+            url: source.to_string(),
+            source: e,
+        };
+        if source.starts_with("http://") {
+            eprintln!(
+                "warning: {source} is plain http: the checksums it carries are only as trustworthy as the network"
+            );
+        }
+        let client = match client {
+            Some(c) => c,
+            None => client.insert(fetch::client(&FetchOptions::default()).map_err(download)?),
+        };
+        let mut response = client.get(source).send().await.map_err(|e| {
+            download(FetchError::Request {
+                url: source.to_string(),
+                source: e,
+            })
+        })?;
+        if !response.status().is_success() {
+            return Err(download(FetchError::Status {
+                url: source.to_string(),
+                status: response.status(),
+            }));
+        }
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_SOURCE_SIZE)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| {
+            download(FetchError::Body {
+                url: source.to_string(),
+                received: body.len() as u64,
+                source: e,
+            })
+        })? {
+            body.extend_from_slice(&chunk);
+            if body.len() as u64 > MAX_SOURCE_SIZE {
+                return Err(too_large());
+            }
+        }
+        return Ok(body);
+    }
+    let path = match source.strip_prefix("file://") {
+        Some(_) => url::Url::parse(source)
+            .ok()
+            .and_then(|u| u.to_file_path().ok())
+            .unwrap_or_else(|| PathBuf::from(source)),
+        None => PathBuf::from(source),
+    };
+    let read = |e| ImportError::Read {
+        path: path.clone(),
+        source: e,
+    };
+    let size = std::fs::metadata(&path).map_err(read)?.len();
+    if size > MAX_SOURCE_SIZE {
+        return Err(too_large());
+    }
+    std::fs::read(&path).map_err(read)
+}
+
+/// A version as the manifest writes it: a leading `v`.
+fn normalize_version(version: &str) -> String {
+    let version = version.trim();
+    if version.starts_with(|c: char| c.is_ascii_digit()) {
+        format!("v{version}")
+    } else {
+        version.to_string()
+    }
+}
+
+fn semver(version: &str) -> Option<semver::Version> {
+    semver::Version::parse(version.strip_prefix('v').unwrap_or(version)).ok()
+}
+
+/// A registry height: a positive integer, else none.
+fn height(number: Option<&serde_json::Number>) -> Option<u64> {
+    let number = number?;
+    let h = number.as_u64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < u64::MAX as f64)
+            .map(|f| f as u64)
+    })?;
+    (h > 0 && i64::try_from(h).is_ok()).then_some(h)
+}
+
+fn valid_platform(platform: &str) -> bool {
+    platform.split_once('/').is_some_and(|(os, arch)| {
+        let part = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        };
+        part(os) && part(arch)
+    })
+}
+
+/// Split a registry binary URL into the URL without its `checksum` parameter and the sha256 the
+/// parameter carries (`sha256:HEX` or a bare HEX); a checksum of another kind is a note.
+pub fn split_checksum(url: &str) -> (String, Option<String>, Option<String>) {
+    let (rest, fragment) = match url.split_once('#') {
+        Some((r, f)) => (r, Some(f)),
+        None => (url, None),
+    };
+    let Some((base, query)) = rest.split_once('?') else {
+        return (url.to_string(), None, None);
+    };
+    let mut kept = Vec::new();
+    let mut checksum = None;
+    for part in query.split('&') {
+        let mut pair = url::form_urlencoded::parse(part.as_bytes());
+        match pair.next() {
+            Some((key, value)) if key == "checksum" => checksum = Some(value.into_owned()),
+            _ => kept.push(part),
+        }
+    }
+    let mut stripped = base.to_string();
+    let kept: Vec<&str> = kept.into_iter().filter(|p| !p.is_empty()).collect();
+    if !kept.is_empty() {
+        stripped.push('?');
+        stripped.push_str(&kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        stripped.push('#');
+        stripped.push_str(fragment);
+    }
+    let is_sha256 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
+    let (sha, note) = match checksum {
+        None => (None, None),
+        Some(c) => {
+            let c = c.trim();
+            let hex = match c.split_once(':') {
+                Some((kind, hex)) if kind.eq_ignore_ascii_case("sha256") => Some(hex),
+                Some(_) => None,
+                None => Some(c),
+            };
+            match hex.filter(|h| is_sha256(h)) {
+                Some(hex) => (Some(hex.to_ascii_lowercase()), None),
+                None => (
+                    None,
+                    Some(format!(
+                        "the checksum {c:?} of {stripped} is not a sha256: not used"
+                    )),
+                ),
+            }
+        }
+    };
+    (stripped, sha, note)
+}
+
+/// The registry's binaries, checked; platforms cvx cannot key by are dropped with a note.
+fn binaries(
+    origin: &str,
+    raw: Option<&BTreeMap<String, String>>,
+    notes: &mut Vec<String>,
+) -> BTreeMap<String, Binary> {
+    let mut out = BTreeMap::new();
+    for (platform, url) in raw.into_iter().flatten() {
+        if !valid_platform(platform) {
+            notes.push(format!(
+                "{origin}: binary for {platform:?} skipped (not an os/arch platform)"
+            ));
+            continue;
+        }
+        let (url, sha256, note) = split_checksum(url.trim());
+        notes.extend(note.map(|n| format!("{origin}: {n}")));
+        out.insert(platform.clone(), Binary { url, sha256 });
+    }
+    out
+}
+
+fn entry(version: &RegistryVersion, notes: &mut Vec<String>) -> Entry {
+    let origin = format!("versions.json {:?}", version.name);
+    Entry {
+        name: Some(version.name.clone()),
+        height: height(version.height.as_ref()),
+        version: version
+            .recommended_version
+            .as_deref()
+            .or(version.tag.as_deref())
+            .filter(|v| !v.trim().is_empty())
+            .map(normalize_version),
+        binaries: binaries(&origin, version.binaries.as_ref(), notes),
+        origin,
+    }
+}
+
+/// Turn registry files into manifest text; pure (no I/O), so tests can call it directly.
+pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportError> {
+    let mut notes = Vec::new();
+    let chain = inputs.chain.as_ref().map(|(_, c)| c);
+    let versions = inputs.versions.as_ref().map(|(_, v)| v);
+    if let (Some(c), Some(v)) = (chain, versions)
+        && let (Some(a), Some(b)) = (&c.chain_name, &v.chain_name)
+        && a != b
+    {
+        return Err(ImportError::ChainMismatch {
+            chain: a.clone(),
+            versions: b.clone(),
+        });
+    }
+    let id = options
+        .chain_id
+        .clone()
+        .or_else(|| chain.and_then(|c| c.chain_id.clone()))
+        .filter(|s| !s.trim().is_empty())
+        .ok_or(ImportError::Missing {
+            what: "chain-id (chain.json's chain_id)",
+            flag: "--chain-id ID",
+        })?;
+    let daemon = options
+        .daemon
+        .clone()
+        .or_else(|| chain.and_then(|c| c.daemon_name.clone()))
+        .filter(|s| !s.trim().is_empty())
+        .ok_or(ImportError::Missing {
+            what: "daemon name (chain.json's daemon_name)",
+            flag: "--daemon NAME",
+        })?;
+    for p in &options.platforms {
+        if !valid_platform(p) {
+            return Err(ImportError::BadPlatform(p.clone()));
+        }
+    }
+
+    // The versions to import: genesis first.
+    let (entries, skipped_before) = match versions.filter(|v| !v.versions.is_empty()) {
+        Some(v) => {
+            let list = &v.versions;
+            let start = if options.all {
+                0
+            } else if let Some(name) = &options.from {
+                list.iter().position(|v| &v.name == name).ok_or_else(|| {
+                    ImportError::UnknownVersion {
+                        name: name.clone(),
+                        names: list.iter().map(|v| v.name.clone()).collect(),
+                    }
+                })?
+            } else {
+                list.len().saturating_sub(2)
+            };
+            let entries: Vec<Entry> = list[start..].iter().map(|v| entry(v, &mut notes)).collect();
+            (
+                entries,
+                list[..start].iter().map(|v| v.name.clone()).collect(),
+            )
+        }
+        None => {
+            if options.all || options.from.is_some() {
+                return Err(ImportError::NeedsVersions {
+                    flag: if options.all { "--all" } else { "--from" },
+                });
+            }
+            let codebase = chain
+                .and_then(|c| c.codebase.as_ref())
+                .ok_or(ImportError::NoVersions)?;
+            let origin = "chain.json codebase".to_string();
+            let entry = Entry {
+                name: None,
+                height: None,
+                version: codebase
+                    .recommended_version
+                    .as_deref()
+                    .or(codebase.tag.as_deref())
+                    .filter(|v| !v.trim().is_empty())
+                    .map(normalize_version),
+                binaries: binaries(&origin, codebase.binaries.as_ref(), &mut notes),
+                origin,
+            };
+            (vec![entry], Vec::<String>::new())
+        }
+    };
+    let label = |i: usize, e: &Entry| -> String {
+        if i == 0 {
+            "genesis".to_string()
+        } else {
+            format!("upgrade {:?}", e.name.as_deref().unwrap_or(""))
+        }
+    };
+    for e in &entries {
+        if e.binaries.is_empty() {
+            return Err(ImportError::NoBinaries {
+                name: e.name.clone().unwrap_or_else(|| e.origin.clone()),
+            });
+        }
+    }
+    let mut seen: BTreeMap<String, &str> = BTreeMap::new();
+    for e in entries.iter().skip(1) {
+        let name = e.name.as_deref().unwrap_or_default();
+        if let Some(why) = crate::manifest::unsafe_name(name) {
+            return Err(ImportError::BadName {
+                name: name.to_string(),
+                why,
+            });
+        }
+        if let Some(first) = seen.insert(name.to_lowercase(), name) {
+            return Err(ImportError::DuplicateName {
+                first: first.to_string(),
+                second: name.to_string(),
+            });
+        }
+    }
+
+    // Platforms: those asked for (every imported version must have them), else the common ones.
+    let all: BTreeSet<&String> = entries.iter().flat_map(|e| e.binaries.keys()).collect();
+    let platforms: Vec<String> = if options.platforms.is_empty() {
+        let common: Vec<String> = all
+            .iter()
+            .filter(|p| entries.iter().all(|e| e.binaries.contains_key(**p)))
+            .map(|p| p.to_string())
+            .collect();
+        if common.is_empty() {
+            let detail = entries
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}: {}",
+                        e.name.as_deref().unwrap_or(&e.origin),
+                        e.binaries.keys().cloned().collect::<Vec<_>>().join(" ")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Err(ImportError::NoCommonPlatform { detail });
+        }
+        common
+    } else {
+        let mut chosen: Vec<String> = Vec::new();
+        for p in &options.platforms {
+            if let Some(e) = entries.iter().find(|e| !e.binaries.contains_key(p)) {
+                return Err(ImportError::PlatformMissing {
+                    name: e.name.clone().unwrap_or_else(|| e.origin.clone()),
+                    platform: p.clone(),
+                });
+            }
+            if !chosen.contains(p) {
+                chosen.push(p.clone());
+            }
+        }
+        chosen.sort();
+        chosen
+    };
+    let dropped: Vec<&str> = all
+        .iter()
+        .filter(|p| !platforms.contains(p))
+        .map(|p| p.as_str())
+        .collect();
+    if !dropped.is_empty() {
+        let why = if options.platforms.is_empty() {
+            "not every imported version has a binary for them"
+        } else {
+            "not asked for with --platform"
+        };
+        notes.push(format!("platforms dropped ({why}): {}", dropped.join(", ")));
+    }
+
+    // The document.
+    let chain_name = chain
+        .and_then(|c| c.chain_name.clone())
+        .or_else(|| versions.and_then(|v| v.chain_name.clone()));
+    let pretty = chain
+        .and_then(|c| c.pretty_name.clone())
+        .or(chain_name)
+        .unwrap_or_else(|| id.clone());
+    let pretty = one_line(&pretty);
+    let mut header = String::new();
+    let _ = writeln!(
+        header,
+        "# {pretty} ({}), imported from the chain registry by:",
+        one_line(&id)
+    );
+    let _ = writeln!(header, "#   {}", one_line(&options.command));
+    header.push_str(
+        "# The plan names, heights, versions, URLs and checksums are the registry's: review them.\n",
+    );
+    if inputs.versions.is_some() {
+        if !skipped_before.is_empty() {
+            let _ = writeln!(
+                header,
+                "# Earlier registry versions ({}) are left out: a node started from a recent",
+                one_line(&span_of(&skipped_before))
+            );
+            header.push_str(
+                "# snapshot runs the genesis binary below (--from NAME or --all imports more).\n",
+            );
+        }
+    } else {
+        header.push_str(
+            "# Without versions.json, the genesis binary is chain.json's recommended version and no\n\
+             # upgrade is listed: add each [[upgrade]] the chain votes for.\n",
+        );
+    }
+
+    let mut doc = DocumentMut::new();
+    let mut chain_table = Table::new();
+    chain_table.decor_mut().set_prefix(header);
+    chain_table.insert("id", toml_edit::value(id.clone()));
+    chain_table.insert("daemon", toml_edit::value(daemon.clone()));
+    let node_home = chain
+        .and_then(|c| c.node_home.clone())
+        .filter(|h| !h.trim().is_empty());
+    let mut home_comment = None;
+    match &node_home {
+        Some(home) if home.starts_with('/') => {
+            chain_table.insert("home", toml_edit::value(home.clone()));
+        }
+        Some(home) => {
+            home_comment = Some(format!(
+                "# home = {:?}  # the registry's node_home: not absolute; set the node's real home\n",
+                home
+            ));
+        }
+        None => {}
+    }
+    chain_table.insert(
+        "platforms",
+        toml_edit::value(Array::from_iter(platforms.iter().map(String::as_str))),
+    );
+    if let Some(comment) = home_comment
+        && let Some(mut key) = chain_table.key_mut("platforms")
+    {
+        key.leaf_decor_mut().set_prefix(comment);
+    }
+    doc.insert("chain", Item::Table(chain_table));
+
+    let mut unpinned = Vec::new();
+    let mut last_height: Option<(u64, String)> = None;
+    let mut last_version: Option<(semver::Version, String)> = None;
+    let mut upgrades = toml_edit::ArrayOfTables::new();
+    for (i, e) in entries.iter().enumerate() {
+        let stage = label(i, e);
+        let mut table = Table::new();
+        let mut comment = String::from("\n");
+        let mut pending = String::new(); // comments that go before the next key
+        if i == 0 {
+            let mut what = match &e.name {
+                Some(name) => format!("# Registry version {name:?}"),
+                None => format!("# The {}", e.origin),
+            };
+            if let Some(h) = e.height {
+                let _ = write!(what, " (upgrade height {h})");
+            }
+            what.push_str(": the binary the node starts with.\n");
+            comment.push_str(&what);
+        } else {
+            let name = e.name.clone().unwrap_or_default();
+            table.insert("name", toml_edit::value(name.clone()));
+            if let Some(h) = e.height {
+                match &last_height {
+                    Some((prev, prev_name)) if h <= *prev => {
+                        notes.push(format!("{stage}: height {h} is not above {prev} ({prev_name}): written as a comment"));
+                        let _ = writeln!(
+                            pending,
+                            "# height = {h}  # the registry's; not above {prev_name}'s {prev}"
+                        );
+                    }
+                    _ => {
+                        table.insert("height", toml_edit::value(h as i64));
+                        last_height = Some((h, name.clone()));
+                    }
+                }
+            }
+        }
+        if let Some(v) = &e.version {
+            let parsed = semver(v);
+            let problem = match (&parsed, &last_version) {
+                (None, _) => Some("not semver".to_string()),
+                (Some(p), Some((prev, prev_text))) if p <= prev => {
+                    Some(format!("not above {prev_text}"))
+                }
+                _ => None,
+            };
+            match problem {
+                Some(why) => {
+                    notes.push(format!(
+                        "{stage}: version {v:?} is {why}: written as a comment"
+                    ));
+                    let _ = writeln!(pending, "# version = {v:?}  # the registry's; {why}");
+                }
+                None => {
+                    insert_with(
+                        &mut table,
+                        "version",
+                        toml_edit::value(v.clone()),
+                        &mut pending,
+                    );
+                    last_version = parsed.map(|p| (p, v.clone()));
+                }
+            }
+        }
+        let mut binary = Table::new();
+        binary.set_dotted(true);
+        for platform in &platforms {
+            let b = &e.binaries[platform];
+            let mut artifact = InlineTable::new();
+            artifact.insert("url", Value::from(b.url.clone()));
+            artifact.insert("sha256", Value::from(b.sha256.clone().unwrap_or_default()));
+            if b.sha256.is_none() {
+                artifact.decor_mut().set_suffix(format!(" {PIN_TODO}"));
+                unpinned.push(Unpinned {
+                    used_by: format!("{stage} {platform}"),
+                    url: b.url.clone(),
+                });
+            }
+            binary.insert(platform, Item::Value(Value::InlineTable(artifact)));
+        }
+        // A dotted key's line takes its comment from the leaf: the first platform's key.
+        if let Some(first) = platforms.first() {
+            set_key_prefix(&mut binary, &pending, first);
+        }
+        table.insert("binary", Item::Table(binary));
+        table.decor_mut().set_prefix(comment);
+        if i == 0 {
+            doc.insert("genesis", Item::Table(table));
+        } else {
+            upgrades.push(table);
+        }
+    }
+    if !upgrades.is_empty() {
+        doc.insert("upgrade", Item::ArrayOfTables(upgrades));
+    }
+    let text = doc.to_string();
+
+    // The result must validate once pinned: check it with the empty pins filled by a stand-in.
+    let stand_in = text.replace("sha256 = \"\"", &format!("sha256 = \"{}\"", "0".repeat(64)));
+    if let Err(problems) = crate::manifest::parse(&stand_in) {
+        let list = problems
+            .iter()
+            .map(|p| format!("  {p}"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        return Err(ImportError::Invalid(list));
+    }
+
+    let upgrade_names: Vec<&str> = entries
+        .iter()
+        .skip(1)
+        .filter_map(|e| e.name.as_deref())
+        .collect();
+    let genesis = &entries[0];
+    let summary = format!(
+        "imported {id}: genesis {}{}, {} upgrade{}{}; platforms {}",
+        genesis.name.as_deref().unwrap_or(&genesis.origin),
+        genesis
+            .version
+            .as_deref()
+            .map(|v| format!(" ({v})"))
+            .unwrap_or_default(),
+        upgrade_names.len(),
+        if upgrade_names.len() == 1 { "" } else { "s" },
+        if upgrade_names.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", span_of(&upgrade_names))
+        },
+        platforms.join(", ")
+    );
+    Ok(Imported {
+        text,
+        unpinned,
+        notes,
+        summary,
+    })
+}
+
+/// Registry text made fit for a TOML comment: no control characters (a newline would end it).
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect()
+}
+
+/// `a`, `a, b`, or `a .. z` for a list of names.
+fn span_of<S: AsRef<str>>(names: &[S]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => one.as_ref().to_string(),
+        [a, b] => format!("{}, {}", a.as_ref(), b.as_ref()),
+        [first, .., last] => format!("{} .. {}", first.as_ref(), last.as_ref()),
+    }
+}
+
+/// Insert `key`, putting the pending comment lines before it.
+fn insert_with(table: &mut Table, key: &str, item: Item, pending: &mut String) {
+    table.insert(key, item);
+    if !pending.is_empty() {
+        set_key_prefix(table, pending, key);
+        pending.clear();
+    }
+}
+
+fn set_key_prefix(table: &mut Table, prefix: &str, key: &str) {
+    if prefix.is_empty() {
+        return;
+    }
+    if let Some(mut k) = table.key_mut(key) {
+        k.leaf_decor_mut().set_prefix(prefix.to_string());
+    }
+}
+
+/// Write `text` to `path` atomically (temp file in the same directory, fsync, rename); refuse an
+/// existing file unless `force`.
+pub fn write_new(path: &Path, text: &str, force: bool) -> Result<(), ImportError> {
+    let write = |source| ImportError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !force && path.exists() {
+        return Err(ImportError::Exists {
+            path: path.to_path_buf(),
+        });
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut temp = tempfile::Builder::new()
+        .prefix(".cvx-import-")
+        .tempfile_in(dir)
+        .map_err(write)?;
+    temp.write_all(text.as_bytes()).map_err(write)?;
+    temp.as_file().sync_all().map_err(write)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        temp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(write)?;
+    }
+    if force {
+        temp.persist(path).map_err(|e| write(e.error))?;
+    } else {
+        temp.persist_noclobber(path).map_err(|e| {
+            if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+                ImportError::Exists {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                write(e.error)
+            }
+        })?;
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "8efbeca8f3e6a27c7b8ab02141bbfc457a6efbb089e338147942aa6fcb586545";
+
+    #[test]
+    fn checksums_are_split_from_urls() {
+        let base = "https://example.org/d/osmosisd-linux-amd64";
+        for query in [format!("checksum=sha256:{HEX}"), format!("checksum={HEX}")] {
+            let (url, sha, note) = split_checksum(&format!("{base}?{query}"));
+            assert_eq!(
+                (url.as_str(), sha.as_deref(), note),
+                (base, Some(HEX), None)
+            );
+        }
+        let (url, sha, _) = split_checksum(&format!(
+            "{base}?archive=false&checksum=SHA256%3A{}",
+            HEX.to_uppercase()
+        ));
+        assert_eq!(
+            (url, sha.as_deref()),
+            (format!("{base}?archive=false"), Some(HEX))
+        );
+        let (url, sha, note) = split_checksum(&format!("{base}?checksum=md5:abc"));
+        assert_eq!((url.as_str(), sha), (base, None));
+        assert!(note.unwrap().contains("not a sha256"));
+        assert_eq!(split_checksum(base), (base.to_string(), None, None));
+    }
+
+    #[test]
+    fn registry_text_cannot_break_out_of_a_comment() {
+        let chain = ChainJson {
+            chain_id: Some("x-1".into()),
+            daemon_name: Some("xd".into()),
+            pretty_name: Some("X\n[chain]\nid = \"evil\"".into()),
+            codebase: Some(Codebase {
+                tag: Some("v1.0.0".into()),
+                binaries: Some(BTreeMap::from([(
+                    "linux/amd64".to_string(),
+                    format!("https://e.org/xd?checksum=sha256:{HEX}"),
+                )])),
+                ..Codebase::default()
+            }),
+            ..ChainJson::default()
+        };
+        let inputs = Inputs {
+            chain: Some(("chain.json".into(), chain)),
+            versions: None,
+        };
+        let imported = convert(&inputs, &Options::default()).unwrap();
+        let (m, _) = crate::manifest::parse(&imported.text).unwrap();
+        assert_eq!(m.chain.id, "x-1");
+        assert!(imported.text.starts_with("# X?[chain]?id = \"evil\" (x-1)"));
+    }
+
+    #[test]
+    fn versions_and_heights_are_normalised() {
+        assert_eq!(normalize_version("28.0.4"), "v28.0.4");
+        assert_eq!(normalize_version("v15.2.0"), "v15.2.0");
+        let n = |s: &str| serde_json::from_str::<serde_json::Number>(s).unwrap();
+        assert_eq!(height(Some(&n("0"))), None);
+        assert_eq!(height(Some(&n("-3"))), None);
+        assert_eq!(height(Some(&n("12.5"))), None);
+        assert_eq!(height(Some(&n("41332000"))), Some(41_332_000));
+        assert_eq!(height(Some(&n("41332000.0"))), Some(41_332_000));
+    }
+}
