@@ -346,7 +346,12 @@ pub fn inspect(layout: &Layout, options: &InspectOptions) -> Result<Tree, TreeEr
 /// last change by a clear clock tick. Timestamps are coarse (a few ms on ext4): a write in the
 /// same tick as the install would leave the identity unchanged, so such a receipt is not trusted
 /// and the file is hashed instead, as git treats "racily clean" entries.
-fn receipt_holds(receipts_dir: &Path, rel: &str, receipt: &Receipt, meta: &fs::Metadata) -> bool {
+pub fn receipt_holds(
+    receipts_dir: &Path,
+    rel: &str,
+    receipt: &Receipt,
+    meta: &fs::Metadata,
+) -> bool {
     let identity = FileIdentity::of(meta);
     if receipt.identity != identity {
         return false;

@@ -260,7 +260,6 @@ struct Detector {
     trigger: Trigger,
     skip: Vec<u64>,
     rpc: Option<String>,
-    client: Option<reqwest::Client>,
     armed: Option<PlanInfo>,
     said_waiting: bool,
 }
@@ -289,13 +288,7 @@ impl Detector {
         }
         let plan = self.armed.as_ref()?;
         if let Some(rpc) = &self.rpc {
-            let client = self.client.get_or_insert_with(|| {
-                reqwest::Client::builder()
-                    .timeout(Duration::from_secs(1))
-                    .build()
-                    .unwrap_or_default()
-            });
-            match watch::node_height(client, rpc).await {
+            match watch::node_height(rpc).await {
                 // The node halts in the plan's block: its last committed block is height - 1.
                 Some(h) if h + 1 < plan.height => {
                     if !self.said_waiting {
@@ -341,7 +334,6 @@ async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
         trigger: Trigger::new(upgrade::current_upgrade(&layout)),
         skip: skip_heights(args),
         rpc: watch::rpc_address(&config.home),
-        client: None,
         armed: None,
         said_waiting: false,
     };

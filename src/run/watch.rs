@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
@@ -47,6 +48,11 @@ impl Watcher {
         let name = self.file.file_name().map(|n| n.to_os_string());
         let made = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let relevant = match &event {
+                // Opening or closing the file to read it (cvx itself does) changes nothing; an
+                // event for it would wake cvx to read again, in a loop.
+                Ok(e) if matches!(e.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) => {
+                    false
+                }
                 Ok(e) => e
                     .paths
                     .iter()
@@ -142,10 +148,29 @@ pub fn rpc_address(home: &Path) -> Option<String> {
 }
 
 /// The node's latest height from CometBFT's `/status`, or None when the RPC does not answer.
-pub async fn node_height(client: &reqwest::Client, rpc: &str) -> Option<u64> {
-    let response = client.get(format!("{rpc}/status")).send().await.ok()?;
-    let bytes = response.bytes().await.ok()?;
-    let body: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+/// A bare HTTP/1.0 request over loopback TCP: the supervisor stays small (no HTTP client stack
+/// mapped in for one local GET), and the answer comes in well under a millisecond.
+pub async fn node_height(rpc: &str) -> Option<u64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = rpc.strip_prefix("http://")?;
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(hostport).await.ok()?;
+        let request =
+            format!("GET /status HTTP/1.0\r\nHost: {hostport}\r\nAccept: application/json\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut response).await.ok()?;
+        Some(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(1), exchange)
+        .await
+        .ok()??;
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let (head, body) = (&response[..split], &response[split + 4..]);
+    if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+        return None;
+    }
+    let body: serde_json::Value = serde_json::from_slice(body).ok()?;
     let height = &body["result"]["sync_info"]["latest_block_height"];
     match height {
         serde_json::Value::String(s) => s.parse().ok(),
