@@ -133,7 +133,7 @@ fn backup(home: &Path, backup_dir: &Path) -> Result<PathBuf, UpgradeError> {
             free,
         });
     }
-    let date = super::logs::format_go("2006-1-2", std::time::SystemTime::now());
+    let date = crate::time::format_go("2006-1-2", std::time::SystemTime::now());
     let mut to = backup_dir.join(format!("data-backup-{date}"));
     if to.exists() {
         let stamp = std::time::SystemTime::now()
