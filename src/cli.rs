@@ -245,6 +245,11 @@ impl Error {
     /// The obvious fix, when there is one.
     pub fn hint(&self) -> Option<String> {
         match self {
+            Error::Manifest(ManifestError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                Some("a manifest is a UTF-8 TOML text file".into())
+            }
             Error::Manifest(ManifestError::Read { path, .. }) => Some(format!(
                 "pass the manifest with -m PATH or CVX_MANIFEST (looked for {})",
                 path.display()

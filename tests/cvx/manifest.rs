@@ -403,3 +403,18 @@ fn completions_and_man_pages_come_from_the_cli_definition() {
     let (_, err) = run(ctx.cvx().args(["man", "nope"]), 1);
     assert!(err.contains("no command `nope`"), "{err}");
 }
+
+#[test]
+fn a_manifest_that_is_not_text_says_so() {
+    let ctx = Ctx::new();
+    std::fs::write(ctx.path("cvx.toml"), [0xff, 0xfe, 0x00, 0x80]).unwrap();
+    let (_, err) = run(ctx.cvx().arg("plan"), 1);
+    assert!(
+        err.contains("error: cannot read manifest cvx.toml"),
+        "{err}"
+    );
+    assert!(
+        err.contains("hint: a manifest is a UTF-8 TOML text file"),
+        "{err}"
+    );
+}
