@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
 
@@ -296,11 +295,19 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
         .enable_all()
         .build()
         .map_err(Error::Runtime)?;
-    let digests = runtime.block_on(digest_all(
-        urls.keys().cloned().collect(),
-        usize::from(args.jobs),
-        &options,
-    ))?;
+    let sources: Vec<String> = urls.keys().cloned().collect();
+    let results = runtime
+        .block_on(fetch::digest_all(
+            sources.clone(),
+            usize::from(args.jobs),
+            &options,
+        ))
+        .map_err(PinError::from)?;
+    let digests: Digests = sources
+        .into_iter()
+        .zip(results)
+        .map(|(url, (result, _))| (url, result.map_err(|e| error_chain(&e))))
+        .collect();
 
     let mut failed = 0;
     for (url, result) in &digests {
@@ -397,36 +404,6 @@ fn not_toml(path: &Path, text: &str) -> Error {
 }
 
 type Digests = Vec<(String, Result<fetch::Digest, String>)>;
-
-/// Download and hash every URL, `jobs` at a time; results in the order of `urls`.
-async fn digest_all(
-    urls: Vec<String>,
-    jobs: usize,
-    options: &fetch::FetchOptions,
-) -> Result<Digests, PinError> {
-    let client = fetch::client(options)?;
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, url) in urls.into_iter().enumerate() {
-        let (client, semaphore, options) = (client.clone(), semaphore.clone(), options.clone());
-        tasks.spawn(async move {
-            let _permit = semaphore
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            let result = fetch::digest(&client, &url, &options)
-                .await
-                .map_err(|e| error_chain(&e));
-            (index, url, result)
-        });
-    }
-    let mut done = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        done.push(joined.expect("download tasks do not panic"));
-    }
-    done.sort_by_key(|(index, _, _)| *index);
-    Ok(done.into_iter().map(|(_, url, r)| (url, r)).collect())
-}
 
 /// `--verify`: one line per pinned URL on stdout; exit 1 on a mismatch, a failed download, or an
 /// artifact not pinned at all.

@@ -2,8 +2,6 @@
 //! bytes stream and writing nothing, and prove each pin. Meant for CI, weeks before the height.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Instant;
 
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -68,40 +66,23 @@ pub async fn verify_remote(
     jobs: usize,
     options: &fetch::FetchOptions,
 ) -> Result<Vec<RemoteCheck>, fetch::FetchError> {
-    let client = fetch::client(options)?;
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (index, ((url, sha256), used_by)) in artifacts(manifest).into_iter().enumerate() {
-        let (client, semaphore, options) = (client.clone(), semaphore.clone(), options.clone());
-        tasks.spawn(async move {
-            let _permit = semaphore
-                .acquire_owned()
-                .await
-                .expect("the semaphore is never closed");
-            let start = Instant::now();
-            let result = fetch::digest(&client, &url, &options).await;
-            let millis = start.elapsed().as_millis() as u64;
-            let check = match result {
-                Ok(d) if d.sha256 == sha256 => RemoteCheck {
-                    ok: true,
-                    http_status: d.status,
-                    size: Some(d.size),
-                    actual_sha256: None,
-                    error: None,
-                    url,
-                    sha256,
-                    used_by,
-                    millis,
-                },
+    let artifacts = artifacts(manifest);
+    let urls = artifacts.keys().map(|(url, _)| url.clone()).collect();
+    let digests = fetch::digest_all(urls, jobs, options).await?;
+    Ok(artifacts
+        .into_iter()
+        .zip(digests)
+        .map(|(((url, sha256), used_by), (result, elapsed))| {
+            let millis = elapsed.as_millis() as u64;
+            match result {
                 Ok(d) => RemoteCheck {
-                    ok: false,
+                    ok: d.sha256 == sha256,
+                    error: (d.sha256 != sha256).then(|| {
+                        format!("checksum mismatch: pinned {sha256}, served {}", d.sha256)
+                    }),
+                    actual_sha256: (d.sha256 != sha256).then_some(d.sha256),
                     http_status: d.status,
                     size: Some(d.size),
-                    error: Some(format!(
-                        "checksum mismatch: pinned {sha256}, served {}",
-                        d.sha256
-                    )),
-                    actual_sha256: Some(d.sha256),
                     url,
                     sha256,
                     used_by,
@@ -121,14 +102,7 @@ pub async fn verify_remote(
                     used_by,
                     millis,
                 },
-            };
-            (index, check)
-        });
-    }
-    let mut checks = Vec::new();
-    while let Some(joined) = tasks.join_next().await {
-        checks.push(joined.expect("verification tasks do not panic"));
-    }
-    checks.sort_by_key(|(index, _)| *index);
-    Ok(checks.into_iter().map(|(_, c)| c).collect())
+            }
+        })
+        .collect())
 }

@@ -786,6 +786,35 @@ pub async fn digest(
     }
 }
 
+/// [`digest`] for many sources, `jobs` at a time, with each one's time; results in input order.
+pub async fn digest_all(
+    sources: Vec<String>,
+    jobs: usize,
+    opts: &FetchOptions,
+) -> Result<Vec<(Result<Digest, FetchError>, Duration)>, FetchError> {
+    let client = client(opts)?;
+    let semaphore = std::sync::Arc::new(tokio::sync::Semaphore::new(jobs.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (index, source) in sources.into_iter().enumerate() {
+        let (client, semaphore, opts) = (client.clone(), semaphore.clone(), opts.clone());
+        tasks.spawn(async move {
+            let _permit = semaphore
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
+            let start = std::time::Instant::now();
+            let result = digest(&client, &source, &opts).await;
+            (index, result, start.elapsed())
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        done.push(joined.expect("digest tasks do not panic"));
+    }
+    done.sort_by_key(|(index, _, _)| *index);
+    Ok(done.into_iter().map(|(_, r, t)| (r, t)).collect())
+}
+
 async fn digest_once(
     client: &reqwest::Client,
     url: &Url,
