@@ -2,7 +2,6 @@
 //! where the node's RPC answers, its height and recent block time for an ETA.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::Serialize;
 
@@ -126,20 +125,9 @@ pub async fn node(home: Option<&Path>) -> Node {
         reason: format!("unknown: {why}"),
         ..Node::default()
     };
-    let Ok(client) = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-    else {
-        return unknown("no HTTP client".into());
-    };
     let get = |path: String| {
-        let client = client.clone();
-        let url = format!("{rpc}{path}");
-        async move {
-            let response = client.get(&url).send().await.ok()?;
-            let bytes = response.bytes().await.ok()?;
-            serde_json::from_slice::<serde_json::Value>(&bytes).ok()
-        }
+        let rpc = rpc.clone();
+        async move { crate::run::watch::rpc_get(&rpc, &path).await }
     };
     let Some(status) = get("/status".into()).await else {
         return unknown(format!("the node's RPC at {rpc} does not answer"));

@@ -147,22 +147,22 @@ pub fn rpc_address(home: &Path) -> Option<String> {
     Some(format!("http://{hostport}"))
 }
 
-/// The node's latest height from CometBFT's `/status`, or None when the RPC does not answer.
-/// A bare HTTP/1.0 request over loopback TCP: the supervisor stays small (no HTTP client stack
+/// GET `path` from the node's CometBFT RPC and parse the JSON answer; None when it does not
+/// answer. A bare HTTP/1.0 request over TCP: the supervisor stays small (no HTTP client stack
 /// mapped in for one local GET), and the answer comes in well under a millisecond.
-pub async fn node_height(rpc: &str) -> Option<u64> {
+pub async fn rpc_get(rpc: &str, path: &str) -> Option<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hostport = rpc.strip_prefix("http://")?;
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(hostport).await.ok()?;
         let request =
-            format!("GET /status HTTP/1.0\r\nHost: {hostport}\r\nAccept: application/json\r\n\r\n");
+            format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\nAccept: application/json\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
-        stream.take(1 << 20).read_to_end(&mut response).await.ok()?;
+        stream.take(8 << 20).read_to_end(&mut response).await.ok()?;
         Some(response)
     };
-    let response = tokio::time::timeout(Duration::from_secs(1), exchange)
+    let response = tokio::time::timeout(Duration::from_secs(2), exchange)
         .await
         .ok()??;
     let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
@@ -170,9 +170,13 @@ pub async fn node_height(rpc: &str) -> Option<u64> {
     if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
         return None;
     }
-    let body: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let height = &body["result"]["sync_info"]["latest_block_height"];
-    match height {
+    serde_json::from_slice(body).ok()
+}
+
+/// The node's latest height from CometBFT's `/status`, or None when the RPC does not answer.
+pub async fn node_height(rpc: &str) -> Option<u64> {
+    let status = rpc_get(rpc, "/status").await?;
+    match &status["result"]["sync_info"]["latest_block_height"] {
         serde_json::Value::String(s) => s.parse().ok(),
         other => other.as_u64(),
     }
