@@ -465,6 +465,28 @@ pub fn compute_plan(
 }
 
 fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
+    match plan_command(&args) {
+        // CI reading --json gets one document even when there is no plan: the error, and each
+        // manifest problem with its line, column and key.
+        Err(err) if args.common.json => {
+            let problems = match &err {
+                Error::Manifest(ManifestError::Invalid { problems, .. }) => problems.clone(),
+                _ => Vec::new(),
+            };
+            let document = serde_json::json!({
+                "format_version": plan::FORMAT_VERSION,
+                "manifest": args.common.manifest,
+                "error": apply::error_chain(&err),
+                "problems": problems,
+            });
+            print!("{}", render::json(&document));
+            Err(err)
+        }
+        result => result,
+    }
+}
+
+fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
     let mut plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;

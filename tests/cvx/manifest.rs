@@ -418,3 +418,30 @@ fn a_manifest_that_is_not_text_says_so() {
         "{err}"
     );
 }
+
+#[test]
+fn plan_json_reports_problems_as_data() {
+    let ctx = Ctx::new();
+    ctx.manifest(&replace("height = 200", "height = 50"));
+    let out = ctx
+        .cvx()
+        .args(["plan", "--json", "--platform", "linux/amd64"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["format_version"], 1);
+    assert_eq!(doc["manifest"], "cvx.toml");
+    assert_eq!(doc["error"], "cvx.toml: 1 problem found");
+    let p = &doc["problems"][0];
+    assert_eq!(
+        (p["line"].as_u64(), p["column"].as_u64()),
+        (Some(22), Some(10))
+    );
+    assert_eq!(p["key"], "upgrade \"v3\".height");
+    assert_eq!(
+        p["message"],
+        "height 50 is not above 100, the height of upgrade \"v2\" before it"
+    );
+    assert!(p["hint"].as_str().unwrap().contains("strictly increase"));
+}
