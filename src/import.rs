@@ -480,10 +480,6 @@ fn normalize_version(version: &str) -> String {
     }
 }
 
-fn semver(version: &str) -> Option<semver::Version> {
-    semver::Version::parse(version.strip_prefix('v').unwrap_or(version)).ok()
-}
-
 /// A registry height: a positive integer, else none.
 fn height(number: Option<&serde_json::Number>) -> Option<u64> {
     let number = number?;
@@ -496,70 +492,6 @@ fn height(number: Option<&serde_json::Number>) -> Option<u64> {
     (h > 0 && i64::try_from(h).is_ok()).then_some(h)
 }
 
-fn valid_platform(platform: &str) -> bool {
-    platform.split_once('/').is_some_and(|(os, arch)| {
-        let part = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        };
-        part(os) && part(arch)
-    })
-}
-
-/// Split a registry binary URL into the URL without its `checksum` parameter and the sha256 the
-/// parameter carries (`sha256:HEX` or a bare HEX); a checksum of another kind is a note.
-pub fn split_checksum(url: &str) -> (String, Option<String>, Option<String>) {
-    let (rest, fragment) = match url.split_once('#') {
-        Some((r, f)) => (r, Some(f)),
-        None => (url, None),
-    };
-    let Some((base, query)) = rest.split_once('?') else {
-        return (url.to_string(), None, None);
-    };
-    let mut kept = Vec::new();
-    let mut checksum = None;
-    for part in query.split('&') {
-        let mut pair = url::form_urlencoded::parse(part.as_bytes());
-        match pair.next() {
-            Some((key, value)) if key == "checksum" => checksum = Some(value.into_owned()),
-            _ => kept.push(part),
-        }
-    }
-    let mut stripped = base.to_string();
-    let kept: Vec<&str> = kept.into_iter().filter(|p| !p.is_empty()).collect();
-    if !kept.is_empty() {
-        stripped.push('?');
-        stripped.push_str(&kept.join("&"));
-    }
-    if let Some(fragment) = fragment {
-        stripped.push('#');
-        stripped.push_str(fragment);
-    }
-    let is_sha256 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
-    let (sha, note) = match checksum {
-        None => (None, None),
-        Some(c) => {
-            let c = c.trim();
-            let hex = match c.split_once(':') {
-                Some((kind, hex)) if kind.eq_ignore_ascii_case("sha256") => Some(hex),
-                Some(_) => None,
-                None => Some(c),
-            };
-            match hex.filter(|h| is_sha256(h)) {
-                Some(hex) => (Some(hex.to_ascii_lowercase()), None),
-                None => (
-                    None,
-                    Some(format!(
-                        "the checksum {c:?} of {stripped} is not a sha256: not used"
-                    )),
-                ),
-            }
-        }
-    };
-    (stripped, sha, note)
-}
-
 /// The registry's binaries, checked; platforms cvx cannot key by are dropped with a note.
 fn binaries(
     origin: &str,
@@ -568,13 +500,13 @@ fn binaries(
 ) -> BTreeMap<String, Binary> {
     let mut out = BTreeMap::new();
     for (platform, url) in raw.into_iter().flatten() {
-        if !valid_platform(platform) {
+        if !crate::manifest::valid_platform(platform) {
             notes.push(format!(
                 "{origin}: binary for {platform:?} skipped (not an os/arch platform)"
             ));
             continue;
         }
-        let (url, sha256, note) = split_checksum(url.trim());
+        let (url, sha256, note) = fetch::split_checksum(url.trim());
         notes.extend(note.map(|n| format!("{origin}: {n}")));
         out.insert(platform.clone(), Binary { url, sha256 });
     }
@@ -630,7 +562,7 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
             flag: "--daemon NAME",
         })?;
     for p in &options.platforms {
-        if !valid_platform(p) {
+        if !crate::manifest::valid_platform(p) {
             return Err(ImportError::BadPlatform(p.clone()));
         }
     }
@@ -874,7 +806,7 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
             }
         }
         if let Some(v) = &e.version {
-            let parsed = semver(v);
+            let parsed = crate::manifest::parse_version(v).ok();
             let problem = match (&parsed, &last_version) {
                 (None, _) => Some("not semver".to_string()),
                 (Some(p), Some((prev, prev_text))) if p <= prev => {
@@ -1062,30 +994,6 @@ mod tests {
     use super::*;
 
     const HEX: &str = "8efbeca8f3e6a27c7b8ab02141bbfc457a6efbb089e338147942aa6fcb586545";
-
-    #[test]
-    fn checksums_are_split_from_urls() {
-        let base = "https://example.org/d/osmosisd-linux-amd64";
-        for query in [format!("checksum=sha256:{HEX}"), format!("checksum={HEX}")] {
-            let (url, sha, note) = split_checksum(&format!("{base}?{query}"));
-            assert_eq!(
-                (url.as_str(), sha.as_deref(), note),
-                (base, Some(HEX), None)
-            );
-        }
-        let (url, sha, _) = split_checksum(&format!(
-            "{base}?archive=false&checksum=SHA256%3A{}",
-            HEX.to_uppercase()
-        ));
-        assert_eq!(
-            (url, sha.as_deref()),
-            (format!("{base}?archive=false"), Some(HEX))
-        );
-        let (url, sha, note) = split_checksum(&format!("{base}?checksum=md5:abc"));
-        assert_eq!((url.as_str(), sha), (base, None));
-        assert!(note.unwrap().contains("not a sha256"));
-        assert_eq!(split_checksum(base), (base.to_string(), None, None));
-    }
 
     #[test]
     fn registry_text_cannot_break_out_of_a_comment() {

@@ -725,6 +725,60 @@ async fn download(
     }
 }
 
+/// Split a URL carrying Cosmovisor's `?checksum=` convention (chain-registry files, plan infos)
+/// into the URL without that parameter, the sha256 it carries (`sha256:HEX` or a bare HEX), and a
+/// note when it carries a checksum of another kind, which cvx cannot use.
+pub fn split_checksum(url: &str) -> (String, Option<String>, Option<String>) {
+    let (rest, fragment) = match url.split_once('#') {
+        Some((r, f)) => (r, Some(f)),
+        None => (url, None),
+    };
+    let Some((base, query)) = rest.split_once('?') else {
+        return (url.to_string(), None, None);
+    };
+    let mut kept = Vec::new();
+    let mut checksum = None;
+    for part in query.split('&') {
+        let mut pair = url::form_urlencoded::parse(part.as_bytes());
+        match pair.next() {
+            Some((key, value)) if key == "checksum" => checksum = Some(value.into_owned()),
+            _ => kept.push(part),
+        }
+    }
+    let mut stripped = base.to_string();
+    let kept: Vec<&str> = kept.into_iter().filter(|p| !p.is_empty()).collect();
+    if !kept.is_empty() {
+        stripped.push('?');
+        stripped.push_str(&kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        stripped.push('#');
+        stripped.push_str(fragment);
+    }
+    let is_sha256 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
+    let (sha, note) = match checksum {
+        None => (None, None),
+        Some(c) => {
+            let c = c.trim();
+            let hex = match c.split_once(':') {
+                Some((kind, hex)) if kind.eq_ignore_ascii_case("sha256") => Some(hex),
+                Some(_) => None,
+                None => Some(c),
+            };
+            match hex.filter(|h| is_sha256(h)) {
+                Some(hex) => (Some(hex.to_ascii_lowercase()), None),
+                None => (
+                    None,
+                    Some(format!(
+                        "the checksum {c:?} of {stripped} is not a sha256: not used"
+                    )),
+                ),
+            }
+        }
+    };
+    (stripped, sha, note)
+}
+
 /// What [`digest`] found: the sha256 and size of what `source` serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Digest {
@@ -1162,6 +1216,31 @@ mod tests {
     use super::*;
 
     use super::test_server as server;
+
+    #[test]
+    fn checksums_are_split_from_urls() {
+        let base = "https://example.org/d/osmosisd-linux-amd64";
+        const HEX: &str = "5b0b5ff3d6c5c5a4a13b1d1d6a2e3a8c8f0f9e2e4d4a1f6b7c8d9e0f1a2b3c4d";
+        for query in [format!("checksum=sha256:{HEX}"), format!("checksum={HEX}")] {
+            let (url, sha, note) = split_checksum(&format!("{base}?{query}"));
+            assert_eq!(
+                (url.as_str(), sha.as_deref(), note),
+                (base, Some(HEX), None)
+            );
+        }
+        let (url, sha, _) = split_checksum(&format!(
+            "{base}?archive=false&checksum=SHA256%3A{}",
+            HEX.to_uppercase()
+        ));
+        assert_eq!(
+            (url, sha.as_deref()),
+            (format!("{base}?archive=false"), Some(HEX))
+        );
+        let (url, sha, note) = split_checksum(&format!("{base}?checksum=md5:abc"));
+        assert_eq!((url.as_str(), sha), (base, None));
+        assert!(note.unwrap().contains("not a sha256"));
+        assert_eq!(split_checksum(base), (base.to_string(), None, None));
+    }
 
     /// The downgrade refusal must survive reqwest's error wrapping and come out as
     /// `InsecureRedirect`: exercised with a policy that refuses an http redirect the same way,

@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use read::parse;
-pub(crate) use read::unsafe_name;
+pub(crate) use read::{parse_version, unsafe_name, valid_platform};
 
 /// A manifest as validated: the public key names of DESIGN §2, exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -136,6 +136,18 @@ pub(crate) fn unsafe_name(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Whether `platform` is of Go's `os/arch` form, as manifests key binaries.
+pub(crate) fn valid_platform(platform: &str) -> bool {
+    platform.split_once('/').is_some_and(|(os, arch)| {
+        let part = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        };
+        part(os) && part(arch)
+    })
+}
+
 /// Parse a version as semver, a leading "v" allowed.
 pub(crate) fn parse_version(version: &str) -> Result<semver::Version, semver::Error> {
     semver::Version::parse(version.strip_prefix('v').unwrap_or(version))
@@ -429,15 +441,7 @@ impl<'s> Walker<'s> {
 
     /// Check an "os/arch" string; `None` (reported) when malformed.
     fn platform(&mut self, platform: &str, span: Span, key: &str) -> Option<String> {
-        let ok = platform.split_once('/').is_some_and(|(os, arch)| {
-            let part = |s: &str| {
-                !s.is_empty()
-                    && s.chars()
-                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-            };
-            part(os) && part(arch)
-        });
-        if ok {
+        if valid_platform(platform) {
             Some(platform.to_string())
         } else {
             self.error(

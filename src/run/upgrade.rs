@@ -341,11 +341,12 @@ async fn download_source(
         .get(&platform)
         .or_else(|| binaries.get("any"))
         .ok_or_else(|| format!("the plan's info lists no binary for {platform} or \"any\""))?;
-    let (url, checksum) = split_checksum(url)?;
+    let (url, checksum, note) = fetch::split_checksum(url);
     match checksum {
         Some(sha256) => Ok((url, sha256, None)),
         None => Err(format!(
-            "{url} carries no ?checksum=sha256:... and no manifest pins it; cvx never runs unverified bytes{}",
+            "{url} carries no ?checksum=sha256:...{} and no manifest pins it; cvx never runs unverified bytes{}",
+            note.map(|n| format!(" ({n})")).unwrap_or_default(),
             if config.must_have_checksum {
                 ""
             } else {
@@ -394,42 +395,6 @@ async fn plan_binaries(info: &str) -> Result<std::collections::BTreeMap<String, 
     serde_json::from_slice::<Info>(&json)
         .map(|i| i.binaries)
         .map_err(|e| format!("the plan's info is not {{\"binaries\": {{...}}}}: {e}"))
-}
-
-/// Split `url?checksum=sha256:<hex>` (or a bare hex checksum) into the URL to fetch and the hash.
-pub fn split_checksum(raw: &str) -> Result<(String, Option<String>), String> {
-    let mut url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
-    let mut checksum = None;
-    let kept: Vec<(String, String)> = url
-        .query_pairs()
-        .filter(|(k, v)| {
-            if k == "checksum" {
-                checksum = Some(v.to_string());
-                false
-            } else {
-                true
-            }
-        })
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect();
-    if kept.is_empty() {
-        url.set_query(None);
-    } else {
-        url.query_pairs_mut().clear().extend_pairs(kept);
-    }
-    let checksum = match checksum {
-        None => None,
-        Some(c) => {
-            let hex = c.strip_prefix("sha256:").unwrap_or(&c);
-            if hex.len() != 64 || !hex.chars().all(|ch| ch.is_ascii_hexdigit()) {
-                return Err(format!(
-                    "checksum {c:?} in {raw} is not sha256:<64 hex digits>"
-                ));
-            }
-            Some(hex.to_ascii_lowercase())
-        }
-    };
-    Ok((url.to_string(), checksum))
 }
 
 /// `upgrades/<dir>/upgrade-info.json`: the plan that brought this binary, as Cosmovisor keeps it.
@@ -509,28 +474,5 @@ async fn pre_upgrade(
                 });
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn checksums_are_split_off_urls() {
-        let sha = "a".repeat(64);
-        let (url, sum) = split_checksum(&format!("https://h/x.zip?checksum=sha256:{sha}")).unwrap();
-        assert_eq!(
-            (url.as_str(), sum.as_deref()),
-            ("https://h/x.zip", Some(sha.as_str()))
-        );
-        let (url, sum) =
-            split_checksum(&format!("https://h/x?a=1&checksum={}", sha.to_uppercase())).unwrap();
-        assert_eq!(
-            (url.as_str(), sum.as_deref()),
-            ("https://h/x?a=1", Some(sha.as_str()))
-        );
-        assert_eq!(split_checksum("https://h/x").unwrap().1, None);
-        assert!(split_checksum("https://h/x?checksum=md5:abc").is_err());
     }
 }
