@@ -1,9 +1,8 @@
 //! SHA-256, the one integrity check cvx relies on.
 //!
 //! Backed by aws-lc-rs, the crypto provider that reqwest's rustls already links: its hand-written
-//! assembly (SHA-NI, AVX2) runs at `openssl dgst -sha256` speed on hosts with and without SHA-NI,
-//! where the sha2 crate falls to about 73% of it without SHA-NI (83% with its `asm` feature).
-//! `scripts/bench-hash` measures it; README has the figures.
+//! assembly (SHA-NI, AVX2) is openssl's, so it keeps `openssl dgst -sha256`'s pace on hosts with
+//! and without SHA-NI. `scripts/bench-hash` measures it; README has the figures.
 
 use std::fs::File;
 use std::io::{self, Read};

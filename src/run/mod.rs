@@ -291,7 +291,9 @@ impl Detector {
             match watch::node_height(rpc).await {
                 // The node halts in the plan's block: its last committed block is height - 1.
                 Some(h) if h + 1 < plan.height => {
-                    if !self.said_waiting {
+                    if self.said_waiting {
+                        debug!(upgrade = %plan.name, height = plan.height, "the node's RPC still reports height {h}");
+                    } else {
                         info!(upgrade = %plan.name, height = plan.height, "the node's RPC reports height {h}: waiting for it to reach the plan's height");
                         self.said_waiting = true;
                     }
