@@ -476,7 +476,7 @@ fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
             let document = serde_json::json!({
                 "format_version": plan::FORMAT_VERSION,
                 "manifest": args.common.manifest,
-                "error": apply::error_chain(&err),
+                "error": render::error_chain(&err),
                 "problems": problems,
             });
             print!("{}", render::json(&document));
@@ -528,7 +528,7 @@ fn run_apply(args: ApplyArgs) -> Result<ExitCode, Error> {
         Err(err) if args.common.json => {
             print!(
                 "{}",
-                render::json(&apply::Report::error(apply::error_chain(&err)))
+                render::json(&apply::Report::error(render::error_chain(&err)))
             );
             return Err(err);
         }

@@ -16,9 +16,10 @@ use std::process::ExitCode;
 
 use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
 
-use crate::apply::{error_chain, fetch};
+use crate::apply::fetch;
 use crate::cli::Error;
 use crate::manifest::ManifestError;
+use crate::render::error_chain;
 
 #[derive(Debug, clap::Args)]
 pub struct PinArgs {

@@ -433,3 +433,18 @@ pub fn status_human(status: &crate::status::Status, c: Colors) -> String {
     let _ = writeln!(out, "{}     {line}", c.bold("node:"));
     out
 }
+
+/// An error and its causes on one line, for per-action reports and logs.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = c.source();
+    }
+    message
+}

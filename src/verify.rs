@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::Serialize;
 
-use crate::apply::{error_chain, fetch};
+use crate::apply::fetch;
 use crate::manifest::Manifest;
+use crate::render::error_chain;
 
 /// One URL checked against its pin.
 #[derive(Debug, Clone, Serialize, JsonSchema)]

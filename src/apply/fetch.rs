@@ -28,6 +28,7 @@ use tracing::{debug, warn};
 use url::Url;
 
 use crate::hash::Sha256;
+use crate::render::error_chain;
 
 /// Redirects followed before giving up (a loop, or a misconfigured mirror).
 const MAX_REDIRECTS: usize = 10;
@@ -703,7 +704,12 @@ async fn download(
         }
         if !error.is_retryable() || attempts > opts.retries {
             if error.is_retryable() {
-                warn!(url = part.url, attempts, error = %DisplayChain(&error), "giving up");
+                warn!(
+                    url = part.url,
+                    attempts,
+                    error = error_chain(&error),
+                    "giving up"
+                );
             }
             // Keep received bytes for the next run to resume; an empty file is not worth keeping.
             if state.offset == 0 {
@@ -717,7 +723,7 @@ async fn download(
             attempt = attempts,
             kept_bytes = state.offset,
             retry_in = ?delay,
-            error = %DisplayChain(&error),
+            error = error_chain(&error),
             "download failed; retrying",
         );
         tokio::time::sleep(delay).await;
@@ -834,7 +840,7 @@ pub async fn digest(
         if !error.is_retryable() || attempts > opts.retries {
             return Err(error);
         }
-        warn!(url = source, attempt = attempts, retry_in = ?delay, error = %DisplayChain(&error), "verification download failed; retrying");
+        warn!(url = source, attempt = attempts, retry_in = ?delay, error = error_chain(&error), "verification download failed; retrying");
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(MAX_BACKOFF.max(opts.backoff));
     }
@@ -1188,21 +1194,6 @@ fn validator(headers: &HeaderMap) -> Option<String> {
     match get(header::ETAG) {
         Some(etag) if !etag.starts_with("W/") => Some(etag.to_owned()),
         _ => get(header::LAST_MODIFIED).map(str::to_owned),
-    }
-}
-
-/// An error with its causes, for one log line.
-struct DisplayChain<'a>(&'a FetchError);
-
-impl fmt::Display for DisplayChain<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(err) = cause {
-            write!(f, ": {err}")?;
-            cause = err.source();
-        }
-        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ use serde::Serialize;
 
 use crate::plan::{ArtifactAction, ArtifactKind, ArtifactPlan, LinkAction, Plan, StagePlan};
 use crate::receipt::{self, FileIdentity, Receipt};
+use crate::render::error_chain;
 use crate::tree::Layout;
 use fetch::{FetchError, FetchOptions};
 
@@ -501,19 +502,4 @@ pub fn stage(
 fn create_current(layout: &Layout) -> Result<(), ApplyError> {
     install::point_current(layout, crate::tree::GENESIS)
         .map_err(io_err("point current at genesis in", layout.root()))
-}
-
-/// An error and its causes on one line, for per-action reports.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
-    message
 }

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 
 use super::config::Config;
 use crate::apply::{self, fetch, install};
+use crate::render::error_chain;
 use crate::tree::{self, Layout, PlanInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -278,7 +279,7 @@ async fn ensure_binary(
     let (url, sha256, member) = download_source(config, plan).await.map_err(download_err)?;
     info!(upgrade = %plan.name, height = plan.height, "downloading {url}");
     let options = fetch::FetchOptions::default();
-    let client = fetch::client(&options).map_err(|e| download_err(apply::error_chain(&e)))?;
+    let client = fetch::client(&options).map_err(|e| download_err(error_chain(&e)))?;
     let fetched = fetch::fetch(
         &client,
         &url,
@@ -288,7 +289,7 @@ async fn ensure_binary(
         &fetch::NoProgress,
     )
     .await
-    .map_err(|e| download_err(apply::error_chain(&e)))?;
+    .map_err(|e| download_err(error_chain(&e)))?;
     let destination = format!("{dir}/bin/{}", config.name);
     let (layout, daemon, file) = (layout.clone(), config.name.clone(), fetched.path.clone());
     let result = tokio::task::spawn_blocking(move || {
@@ -366,8 +367,7 @@ async fn plan_binaries(info: &str) -> Result<std::collections::BTreeMap<String, 
     let json = if info.starts_with('{') {
         info.as_bytes().to_vec()
     } else if info.starts_with("http://") || info.starts_with("https://") {
-        let client =
-            fetch::client(&fetch::FetchOptions::default()).map_err(|e| apply::error_chain(&e))?;
+        let client = fetch::client(&fetch::FetchOptions::default()).map_err(|e| error_chain(&e))?;
         let response = client
             .get(info)
             .timeout(Duration::from_secs(30))
@@ -377,7 +377,7 @@ async fn plan_binaries(info: &str) -> Result<std::collections::BTreeMap<String, 
             .map_err(|e| {
                 format!(
                     "cannot fetch the plan's info from {info}: {}",
-                    apply::error_chain(&e)
+                    error_chain(&e)
                 )
             })?;
         response
