@@ -11,6 +11,10 @@
 //! `#!/bin/sh\nexec /path/to/simnode --sim-version v2.0.0 --sim-handlers v2 "$@"`.
 //! The simnode options must come first; the first argument that does not start with `--sim-`
 //! begins the daemon's own arguments (`start --home X`, `version`, `pre-upgrade`).
+//!
+//! It deliberately shares no parser with the supervisor it exercises (upgrade-info.json,
+//! `--unsafe-skip-upgrades`, config.toml's `[rpc] laddr`): a test double that read the contract
+//! through cvx's own code could not catch cvx misreading it.
 
 use std::collections::BTreeSet;
 use std::fs;
