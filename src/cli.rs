@@ -258,10 +258,10 @@ impl Error {
             Error::Platform { .. } => Some("pass --platform os/arch for one the manifest declares, or add this one to chain.platforms".into()),
             Error::EnvBool { .. } => Some("use true or false".into()),
             Error::Apply(ApplyError::NoHome) => Some("pass --home DIR, set DAEMON_HOME, or set chain.home in the manifest".into()),
-            Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other apply to finish, or raise --lock-timeout".into()),
+            Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other cvx to finish, or raise --lock-timeout".into()),
             Error::Apply(_) => None,
-            Error::Run(crate::run::RunError::Config(_)) => Some("see README, `cvx run`, for every variable and its default".into()),
-            Error::Run(_) | Error::Usage(_) | Error::Runtime(_) => None,
+            Error::Run(e) => e.hint(),
+            Error::Usage(_) | Error::Runtime(_) => None,
             Error::Drift(_) => Some("--node takes the node's REST endpoint (api.address in app.toml), e.g. http://127.0.0.1:1317".into()),
             Error::Demo(_) => Some("rerun with --keep to inspect the rehearsal's files".into()),
             Error::Import(e) => e.hint(),
@@ -558,7 +558,7 @@ fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
         return Ok(apply::check(&plan, args.force));
     }
     // Plan under the lock: what another apply staged meanwhile is seen, not redone.
-    let _lock = apply::lock(&layout, args.lock_timeout)?;
+    let _lock = apply::lock(&layout, args.lock_timeout, apply::Role::Apply)?;
     let plan = compute_plan(&loaded, Some(home.clone()), None, args.verify)?;
     let options = apply::Options {
         jobs: usize::from(args.jobs),

@@ -175,6 +175,14 @@ pub fn parse_upgrade_info(bytes: &[u8]) -> UpgradeInfo {
         serde_json::Value::String(s) => s.parse().ok(),
         _ => None,
     };
+    if raw.name == "." || raw.name == ".." {
+        return UpgradeInfo::Invalid {
+            error: format!(
+                "upgrade name {:?} would name the upgrades directory or its parent",
+                raw.name
+            ),
+        };
+    }
     match (raw.name.is_empty(), height) {
         (true, _) => UpgradeInfo::Invalid {
             error: "no upgrade name".into(),
@@ -449,6 +457,12 @@ mod tests {
             parse_upgrade_info(b"{\"height\":5}"),
             UpgradeInfo::Invalid { .. }
         ));
+        for name in [".", ".."] {
+            assert!(matches!(
+                parse_upgrade_info(format!("{{\"name\":\"{name}\",\"height\":5}}").as_bytes()),
+                UpgradeInfo::Invalid { .. }
+            ));
+        }
         assert_eq!(
             parse_upgrade_info(
                 br#"{"name":"v2","time":"0001-01-01T00:00:00Z","height":"7","info":"x"}"#

@@ -124,10 +124,10 @@ pub enum ApplyError {
         #[source]
         source: io::Error,
     },
-    #[error("the tree is locked by another cvx apply{} ({}); gave up after {}", holder.map(|p| format!(" (pid {p})")).unwrap_or_default(), path.display(), crate::duration::show(*waited))]
+    #[error("the tree is locked by {} ({}); gave up after {}", holder.as_ref().map_or_else(|| "another cvx process".to_string(), Holder::to_string), path.display(), crate::duration::show(*waited))]
     Locked {
         path: PathBuf,
-        holder: Option<u32>,
+        holder: Option<Holder>,
         waited: Duration,
     },
     #[error(transparent)]
@@ -143,13 +143,37 @@ fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Err
     }
 }
 
-/// Held while applying: two applies never interleave. Released when dropped (or the process dies).
+/// Held while applying, and while `cvx run` switches: nothing that changes the tree interleaves.
+/// Released when dropped (or the process dies).
 pub struct TreeLock {
     _file: File,
 }
 
-/// Take the tree's lock, waiting up to `timeout` (saying so) while another apply holds it.
-pub fn lock(layout: &Layout, timeout: Duration) -> Result<TreeLock, ApplyError> {
+/// Which cvx command holds the tree's lock, as recorded in the lock file for those who wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Apply,
+    Run,
+}
+
+/// Who holds the lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub role: Role,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.role {
+            Role::Apply => write!(f, "another cvx apply (pid {})", self.pid),
+            Role::Run => write!(f, "cvx run (pid {}), upgrading the node", self.pid),
+        }
+    }
+}
+
+/// Take the tree's lock, waiting up to `timeout` (saying so) while another cvx holds it.
+pub fn lock(layout: &Layout, timeout: Duration, role: Role) -> Result<TreeLock, ApplyError> {
     let cvx = layout.cvx();
     fs::create_dir_all(&cvx).map_err(io_err("create directory", &cvx))?;
     let path = layout.lock();
@@ -166,7 +190,7 @@ pub fn lock(layout: &Layout, timeout: Duration) -> Result<TreeLock, ApplyError> 
         match file.try_lock() {
             Ok(()) => break,
             Err(TryLockError::WouldBlock) => {
-                let holder = read_pid(&mut file);
+                let holder = read_holder(&mut file);
                 if start.elapsed() >= timeout {
                     return Err(ApplyError::Locked {
                         path,
@@ -176,8 +200,8 @@ pub fn lock(layout: &Layout, timeout: Duration) -> Result<TreeLock, ApplyError> 
                 }
                 if !said {
                     tracing::warn!(
-                        "another cvx apply{} holds {}; waiting up to {}",
-                        holder.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                        "{} holds {}; waiting up to {}",
+                        holder.as_ref().map_or_else(|| "another cvx process".to_string(), Holder::to_string),
                         path.display(),
                         crate::duration::show(timeout)
                     );
@@ -190,18 +214,28 @@ pub fn lock(layout: &Layout, timeout: Duration) -> Result<TreeLock, ApplyError> 
             Err(TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
         }
     }
-    // Record who holds it, for the message a waiting apply prints.
+    // Record who holds it, for the message a waiting cvx prints.
+    let role = match role {
+        Role::Apply => "apply",
+        Role::Run => "run",
+    };
     file.set_len(0).map_err(io_err("write", &path))?;
     file.rewind().map_err(io_err("write", &path))?;
-    write!(file, "{}", std::process::id()).map_err(io_err("write", &path))?;
+    write!(file, "{} {role}", std::process::id()).map_err(io_err("write", &path))?;
     Ok(TreeLock { _file: file })
 }
 
-fn read_pid(file: &mut File) -> Option<u32> {
+fn read_holder(file: &mut File) -> Option<Holder> {
     let mut text = String::new();
     file.rewind().ok()?;
     file.read_to_string(&mut text).ok()?;
-    text.trim().parse().ok()
+    let mut words = text.split_whitespace();
+    let pid = words.next()?.parse().ok()?;
+    let role = match words.next() {
+        Some("run") => Role::Run,
+        _ => Role::Apply,
+    };
+    Some(Holder { pid, role })
 }
 
 /// The report `--check` gives: what apply would do, without doing it.

@@ -91,7 +91,7 @@ pub fn detect(file: &Path, name_hint: &str) -> io::Result<Option<ArchiveKind>> {
     Ok(kind_from_name(name_hint))
 }
 
-fn kind_from_name(hint: &str) -> Option<ArchiveKind> {
+pub(crate) fn kind_from_name(hint: &str) -> Option<ArchiveKind> {
     // A URL's query or fragment is not part of the name (`.../x.tar.gz?download=1`).
     let name = if hint.contains("://") {
         hint.split(['?', '#']).next().unwrap_or(hint)

@@ -279,6 +279,17 @@ pub fn load(
         });
     }
     let home = home.expect("checked above");
+    if let Some(dir) = &backup_dir
+        && !skip_backup
+        && inside(dir, &home.join("data"))
+    {
+        return Err(ConfigError {
+            problems: vec![format!(
+                "DAEMON_DATA_BACKUP_DIR={:?} is inside $DAEMON_HOME/data: the backup would copy into itself (use a directory outside data/, e.g. $DAEMON_HOME or /var/lib/<chain>-backups)",
+                dir.display()
+            )],
+        });
+    }
     let custom_preupgrade = custom_preupgrade.map(|script| home.join("cosmovisor").join(script));
     Ok(Config {
         backup_dir: backup_dir.unwrap_or_else(|| home.clone()),
@@ -299,6 +310,32 @@ pub fn load(
         time_format,
         manifest,
     })
+}
+
+/// Whether `path` is `dir` or lies below it, by their components and, where both exist, by the
+/// directories they resolve to (a symlink can hide a path inside `data/`).
+fn inside(path: &Path, dir: &Path) -> bool {
+    let lexical = |p: &Path| -> PathBuf { p.components().collect() };
+    if lexical(path).starts_with(lexical(dir)) {
+        return true;
+    }
+    // The deepest existing ancestor of `path`, resolved, then the rest appended.
+    let mut existing = path.to_path_buf();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name);
+                existing = parent.to_path_buf();
+            }
+            _ => return false,
+        }
+    }
+    let (Ok(mut resolved), Ok(dir)) = (existing.canonicalize(), dir.canonicalize()) else {
+        return false;
+    };
+    resolved.extend(rest.iter().rev());
+    resolved.starts_with(dir)
 }
 
 #[cfg(test)]
@@ -337,6 +374,43 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.problems.len(), 7, "{err}");
+    }
+
+    #[test]
+    fn a_backup_dir_inside_data_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(home.join("data")).unwrap();
+        std::os::unix::fs::symlink(home.join("data"), dir.path().join("alias")).unwrap();
+        let h = home.to_str().unwrap();
+        for inside in [
+            format!("{h}/data"),
+            format!("{h}/data/backups"),
+            format!("{h}/./data/x"),
+            format!("{}/alias/backups", dir.path().display()),
+        ] {
+            let err = load(
+                env(&[
+                    ("DAEMON_HOME", h),
+                    ("DAEMON_NAME", "simd"),
+                    ("DAEMON_DATA_BACKUP_DIR", &inside),
+                ]),
+                None,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("copy into itself"), "{inside}: {err}");
+        }
+        for outside in [h.to_string(), format!("{h}/data-backups")] {
+            load(
+                env(&[
+                    ("DAEMON_HOME", h),
+                    ("DAEMON_NAME", "simd"),
+                    ("DAEMON_DATA_BACKUP_DIR", &outside),
+                ]),
+                None,
+            )
+            .unwrap();
+        }
     }
 
     #[test]

@@ -1,34 +1,28 @@
 //! `cvx run`: the Cosmovisor-compatible supervisor (DESIGN §5).
 //!
-//! A small state machine fed by events: the daemon exited, `upgrade-info.json` may have changed
-//! (file event or poll tick), a signal arrived.
-//!
-//! Signal policy:
-//! - TERM, INT, QUIT and HUP sent to cvx are forwarded, as the same signal, to the daemon's process
-//!   group (the daemon runs in a group of its own, so a terminal's Ctrl-C reaches it only through
-//!   cvx). cvx then waits for the daemon and exits with its code (128+N if signal N killed it).
-//!   Further signals are forwarded too; no upgrade starts once a signal has arrived.
-//! - A signal arriving while an upgrade runs (the daemon already stopped) does not cut a step in
-//!   half: the step in progress completes, cvx does not relaunch, and exits 128+N.
-//! - cvx stops the daemon for an upgrade with SIGTERM, waits DAEMON_SHUTDOWN_GRACE, then SIGKILL
-//!   (SIGKILL at once without a grace), always to the whole group so nothing is left orphaned.
+//! Only `cvx run start ...` supervises and may change the tree; any other command (`version`,
+//! `keys add`, ...) has its binary verified and is then executed in cvx's place, so it owns the
+//! terminal and its signals as if run directly. The supervisor is a small state machine fed by
+//! events: the daemon exited, `upgrade-info.json` may have changed (file event or poll tick), a
+//! signal arrived. The signal policy is in [`child`]; the upgrade steps in [`upgrade`].
 
+pub mod backup;
+pub mod binary;
+pub mod child;
 pub mod config;
 pub mod logs;
 pub mod upgrade;
 pub mod watch;
 
 use std::ffi::OsString;
-use std::os::unix::process::ExitStatusExt;
+use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::process::ExitStatus;
-use std::time::Duration;
 
-use rustix::process::{Pid, Signal};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::{debug, info, warn};
 
 use crate::tree::{self, Layout, PlanInfo, UpgradeInfo};
+use binary::{BinaryError, Pins};
+use child::{Daemon, Signals};
 use config::{Config, ConfigError};
 use upgrade::UpgradeError;
 use watch::{Trigger, Watcher};
@@ -37,6 +31,8 @@ use watch::{Trigger, Watcher};
 pub enum RunError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("refusing to start the daemon")]
+    Binary(#[from] BinaryError),
     #[error("cannot start the daemon {}", path.display())]
     Launch {
         path: PathBuf,
@@ -50,8 +46,27 @@ pub enum RunError {
         #[source]
         source: UpgradeError,
     },
+    #[error("cannot point current to genesis")]
+    Genesis(#[source] UpgradeError),
     #[error("cannot set up the supervisor")]
     Setup(#[source] std::io::Error),
+}
+
+impl RunError {
+    /// The obvious fix, when there is one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            RunError::Config(_) => {
+                Some("see README, `cvx run`, for every variable and its default".into())
+            }
+            RunError::Binary(e)
+            | RunError::Upgrade {
+                source: UpgradeError::Binary(e),
+                ..
+            } => e.hint(),
+            _ => None,
+        }
+    }
 }
 
 /// Split off a first `--cosmovisor-config PATH` (or `=PATH`); everything else is the daemon's.
@@ -96,161 +111,72 @@ pub fn skip_heights(args: &[OsString]) -> Vec<u64> {
     heights
 }
 
-/// Entry point: configuration, logs, then the supervisor on a single-threaded runtime (the
-/// supervisor waits on events; one thread keeps its memory small).
+/// Entry point: configuration, logs, then either the command in cvx's place or, for `start`, the
+/// supervisor on a single-threaded runtime (it waits on events; one thread keeps its memory small).
 pub fn main(args: Vec<OsString>) -> Result<u8, RunError> {
     let (config_file, args) = split_args(args);
     let config = config::load(std::env::vars(), config_file.as_deref())?;
     logs::init(&config, false);
+    let layout = Layout::new(&config.home);
+    if args.first().and_then(|a| a.to_str()) != Some("start") {
+        return Err(exec(&config, &layout, &args));
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RunError::Setup)?;
-    runtime.block_on(supervise(&config, &args))
+    runtime.block_on(supervise(&config, &layout, &args))
 }
 
-/// The daemon, in a process group of its own.
-struct Daemon {
-    child: tokio::process::Child,
-    group: Pid,
-}
-
-impl Daemon {
-    fn launch(config: &Config, layout: &Layout, args: &[OsString]) -> Result<Self, RunError> {
-        let path = layout.current().join("bin").join(&config.name);
-        let child = tokio::process::Command::new(&path)
-            .args(args)
-            .env("LD_LIBRARY_PATH", upgrade::library_path(layout, "current"))
-            .process_group(0)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|source| RunError::Launch {
-                path: path.clone(),
-                source,
-            })?;
-        let pid = child
-            .id()
-            .and_then(|id| Pid::from_raw(id as i32))
-            .ok_or_else(|| RunError::Launch {
-                path,
-                source: std::io::Error::other("the daemon exited before it could be watched"),
-            })?;
-        info!(
-            pid = pid.as_raw_nonzero().get(),
-            "started {}",
-            layout.current().join("bin").join(&config.name).display()
-        );
-        Ok(Daemon { child, group: pid })
-    }
-
-    fn signal(&self, sig: Signal) {
-        if let Err(e) = rustix::process::kill_process_group(self.group, sig)
-            && e != rustix::io::Errno::SRCH
-        {
-            warn!("cannot send {sig:?} to the daemon: {e}");
-        }
-    }
-
-    async fn wait(&mut self) -> ExitStatus {
-        match self.child.wait().await {
-            Ok(status) => status,
-            Err(e) => {
-                warn!("lost track of the daemon: {e}");
-                ExitStatus::from_raw(1 << 8)
-            }
-        }
-    }
-
-    /// SIGTERM, up to `grace`, then SIGKILL; without a grace, SIGKILL at once.
-    async fn stop(&mut self, grace: Option<Duration>) -> ExitStatus {
-        let status = match grace {
-            Some(grace) => {
-                self.signal(Signal::TERM);
-                match tokio::time::timeout(grace, self.wait()).await {
-                    Ok(status) => status,
-                    Err(_) => {
-                        warn!(
-                            "the daemon did not exit within DAEMON_SHUTDOWN_GRACE {}; killing it",
-                            crate::duration::show(grace)
-                        );
-                        self.signal(Signal::KILL);
-                        self.wait().await
-                    }
-                }
-            }
-            None => {
-                self.signal(Signal::KILL);
-                self.wait().await
-            }
-        };
-        // Whatever the daemon left in its group goes with it.
-        self.signal(Signal::KILL);
-        status
+/// The stage `current` points to (`genesis` or `upgrades/<dir>`), or `current` itself when the
+/// link leads elsewhere (then no receipt or pin applies).
+fn current_stage(layout: &Layout) -> String {
+    let target = std::fs::read_link(layout.current()).unwrap_or_default();
+    let target = target.to_string_lossy();
+    let target = target.trim_end_matches('/');
+    let is_stage = target == tree::GENESIS
+        || target
+            .strip_prefix("upgrades/")
+            .is_some_and(|d| !d.is_empty() && !d.contains('/') && d != "." && d != "..");
+    if is_stage {
+        target.to_string()
+    } else {
+        "current".to_string()
     }
 }
 
-/// The daemon's exit status as a process exit code.
-fn exit_code(status: ExitStatus) -> u8 {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => code as u8,
-        (None, Some(sig)) => 128u8.wrapping_add(sig as u8),
-        _ => 1,
-    }
+/// Verify `current`'s binary against its receipt and the manifest's pin.
+fn verified_current(config: &Config, layout: &Layout) -> Result<PathBuf, RunError> {
+    let pins = Pins::load(config.manifest.as_deref(), config.recase)?;
+    let stage = current_stage(layout);
+    Ok(binary::verify(
+        layout,
+        &config.name,
+        &stage,
+        pins.as_ref(),
+    )?)
 }
 
-/// The signals cvx forwards.
-struct Signals {
-    streams: Vec<(Signal, tokio::signal::unix::Signal)>,
-}
-
-impl Signals {
-    fn new() -> Result<Self, RunError> {
-        let kinds = [
-            (Signal::TERM, SignalKind::terminate()),
-            (Signal::INT, SignalKind::interrupt()),
-            (Signal::QUIT, SignalKind::quit()),
-            (Signal::HUP, SignalKind::hangup()),
-        ];
-        let streams = kinds
-            .into_iter()
-            .map(|(sig, kind)| signal(kind).map(|s| (sig, s)))
-            .collect::<Result<_, _>>()
-            .map_err(RunError::Setup)?;
-        Ok(Signals { streams })
-    }
-
-    async fn recv(&mut self) -> Signal {
-        let futures = self.streams.iter_mut().map(|(sig, stream)| {
-            let sig = *sig;
-            Box::pin(async move {
-                stream.recv().await;
-                sig
-            })
-        });
-        futures_select_all(futures).await
-    }
-}
-
-/// The first of several futures to finish.
-async fn futures_select_all<F: std::future::Future<Output = Signal> + Unpin>(
-    futures: impl Iterator<Item = F>,
-) -> Signal {
-    let mut futures: Vec<F> = futures.collect();
-    std::future::poll_fn(move |cx| {
-        for f in futures.iter_mut() {
-            if let std::task::Poll::Ready(sig) = std::pin::Pin::new(f).poll(cx) {
-                return std::task::Poll::Ready(sig);
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
+/// Any command but `start`: verified, then executed in cvx's place. Changes nothing in the tree.
+/// Returns only when it could not be executed.
+fn exec(config: &Config, layout: &Layout, args: &[OsString]) -> RunError {
+    use std::os::unix::process::CommandExt;
+    let path = match verified_current(config, layout) {
+        Ok(path) => path,
+        Err(e) => return e,
+    };
+    debug!("executing {} in cvx's place", path.display());
+    let source = std::process::Command::new(&path)
+        .args(args)
+        .env("LD_LIBRARY_PATH", upgrade::library_path(layout, "current"))
+        .exec();
+    RunError::Launch { path, source }
 }
 
 /// Why the daemon is no longer running.
 enum Outcome {
-    Exited(ExitStatus),
-    Signalled(ExitStatus),
+    Exited(std::process::ExitStatus),
+    Signalled(std::process::ExitStatus),
     Upgrade(PlanInfo),
 }
 
@@ -260,6 +186,7 @@ struct Detector {
     trigger: Trigger,
     skip: Vec<u64>,
     rpc: Option<String>,
+    /// A plan that fired while the node's RPC said its height was not reached yet.
     armed: Option<PlanInfo>,
     said_waiting: bool,
 }
@@ -309,6 +236,12 @@ impl Detector {
         self.armed.take()
     }
 
+    /// The plan to perform now that the daemon has exited by itself: one armed earlier (the RPC
+    /// gate was still closed), or one it wrote just before exiting.
+    fn exited(&mut self) -> Option<PlanInfo> {
+        self.armed.take().or_else(|| self.fired())
+    }
+
     /// After switching to `plan`, it is the current upgrade.
     fn switched(&mut self, plan: &PlanInfo) {
         self.trigger = Trigger::new(plan.name.clone());
@@ -317,54 +250,60 @@ impl Detector {
     }
 }
 
-async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
-    let layout = Layout::new(&config.home);
+async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Result<u8, RunError> {
+    // On a terminal the daemon keeps it (see `child`); under systemd it gets a group of its own.
+    let terminal = std::io::stdin().is_terminal();
+    // A manifest that cannot be read cannot verify anything: say so now, not at the height.
+    Pins::load(config.manifest.as_deref(), config.recase)?;
     // As Cosmovisor does: a tree with no `current` link yet (a fresh install) starts at genesis.
     if let Err(e) = std::fs::symlink_metadata(layout.current())
         && e.kind() == std::io::ErrorKind::NotFound
-        && layout.root().join("genesis").is_dir()
+        && layout.root().join(tree::GENESIS).is_dir()
     {
+        let _lock = upgrade::lock(layout).await.map_err(RunError::Genesis)?;
         info!(
             "{} does not exist: pointing it to genesis",
             layout.current().display()
         );
-        crate::apply::install::point_current(&layout, "genesis").map_err(RunError::Setup)?;
+        crate::apply::install::point_current(layout, tree::GENESIS)
+            .map_err(|source| RunError::Genesis(UpgradeError::Switch {
+                dir: tree::GENESIS.into(),
+                source,
+            }))?;
     }
-    let mut signals = Signals::new()?;
+    let mut signals = Signals::new().map_err(RunError::Setup)?;
     let mut detector = Detector {
         watcher: Watcher::new(&layout.upgrade_info(), config.poll_interval),
-        trigger: Trigger::new(upgrade::current_upgrade(&layout)),
+        trigger: Trigger::new(upgrade::current_upgrade(layout)),
         skip: skip_heights(args),
         rpc: watch::rpc_address(&config.home),
         armed: None,
         said_waiting: false,
     };
 
-    // A restart after a missed switch: switch first when the binary is there, not crash-loop.
+    // A restart after a missed switch: switch first, never start a binary that would halt again.
     if let Some(plan) = detector.fired() {
-        let dir = tree::upgrade_dir(&plan.name, config.recase);
-        match upgrade::staged_binary(config, &layout, &dir) {
-            Err(e) if !config.allow_download => {
-                warn!(upgrade = %plan.name, height = plan.height, "pending upgrade cannot be applied yet ({e}); starting the current binary, which will halt for it again: stage the binary (cvx apply) to continue");
-                detector.trigger = Trigger::new(upgrade::current_upgrade(&layout));
-            }
-            _ => {
-                info!(upgrade = %plan.name, height = plan.height, "upgrade pending at start: switching before launch");
-                if let Some(code) = run_upgrade(config, &layout, &plan, &mut signals).await? {
-                    return Ok(code);
-                }
-                detector.switched(&plan);
-            }
+        info!(upgrade = %plan.name, height = plan.height, "upgrade pending at start: switching before launch");
+        if let Some(code) = run_upgrade(config, layout, &plan, &mut signals).await? {
+            return Ok(code);
         }
+        detector.switched(&plan);
     }
 
     loop {
-        let mut daemon = Daemon::launch(config, &layout, args)?;
+        let path = verified_current(config, layout)?;
+        let mut daemon = Daemon::launch(
+            &path,
+            args,
+            upgrade::library_path(layout, "current"),
+            terminal,
+        )
+        .map_err(|source| RunError::Launch { path, source })?;
         let outcome = loop {
             tokio::select! {
                 status = daemon.wait() => {
                     // Some nodes exit instead of halting once they have written the plan.
-                    match detector.fired() {
+                    match detector.exited() {
                         Some(plan) => break Outcome::Upgrade(plan),
                         None => break Outcome::Exited(status),
                     }
@@ -393,17 +332,17 @@ async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
         match outcome {
             Outcome::Exited(status) => {
                 info!("the daemon exited by itself ({status}); cvx exits with its code");
-                return Ok(exit_code(status));
+                return Ok(child::exit_code(status));
             }
             Outcome::Signalled(status) => {
                 info!("the daemon exited ({status}) after the forwarded signal");
-                return Ok(exit_code(status));
+                return Ok(child::exit_code(status));
             }
             Outcome::Upgrade(plan) => {
                 info!(upgrade = %plan.name, height = plan.height, "stopping the daemon");
                 let status = daemon.stop(config.shutdown_grace).await;
                 info!(upgrade = %plan.name, height = plan.height, "the daemon stopped ({status})");
-                if let Some(code) = run_upgrade(config, &layout, &plan, &mut signals).await? {
+                if let Some(code) = run_upgrade(config, layout, &plan, &mut signals).await? {
                     return Ok(code);
                 }
                 detector.switched(&plan);
@@ -417,31 +356,46 @@ async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
     }
 }
 
-/// Perform the upgrade without letting a signal cut a step in half. Some(code) means exit now.
+/// Perform the upgrade; a signal ends the step in progress (see [`upgrade`]). Some(code) means
+/// exit now with that code.
 async fn run_upgrade(
     config: &Config,
     layout: &Layout,
     plan: &PlanInfo,
     signals: &mut Signals,
 ) -> Result<Option<u8>, RunError> {
-    let work = upgrade::perform(config, layout, plan);
+    let (canceller, cancel) = upgrade::Canceller::new();
+    let work = upgrade::perform(config, layout, plan, &cancel);
     tokio::pin!(work);
     let mut interrupted = None;
     let result = loop {
         tokio::select! {
             result = &mut work => break result,
             sig = signals.recv() => {
-                warn!(upgrade = %plan.name, height = plan.height, "received {sig:?} during the upgrade: finishing the step in progress, then exiting");
-                interrupted = Some(sig);
+                if interrupted.is_none() {
+                    warn!(upgrade = %plan.name, height = plan.height, "received {sig:?} during the upgrade: ending the step in progress, then exiting");
+                    interrupted = Some(sig);
+                }
+                canceller.cancel();
             }
         }
     };
-    result.map_err(|source| RunError::Upgrade {
-        name: plan.name.clone(),
-        height: plan.height,
-        source,
-    })?;
-    Ok(interrupted.map(|sig| 128u8.wrapping_add(sig.as_raw() as u8)))
+    match (result, interrupted) {
+        (Err(e @ UpgradeError::Interrupted { .. }), Some(sig)) => {
+            warn!(upgrade = %plan.name, height = plan.height, "{e}");
+            Ok(Some(child::signalled(sig)))
+        }
+        (Err(source), _) => Err(RunError::Upgrade {
+            name: plan.name.clone(),
+            height: plan.height,
+            source,
+        }),
+        (Ok(()), Some(sig)) => {
+            info!(upgrade = %plan.name, height = plan.height, "upgrade done; not restarting the daemon after {sig:?}");
+            Ok(Some(child::signalled(sig)))
+        }
+        (Ok(()), None) => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,24 @@
-//! The steps between the old daemon's exit and the new one's launch (DESIGN §5, 4-6): restart
-//! delay, backup, custom pre-upgrade script, the binary (staged and verified, or downloaded and
-//! verified), the switch of `current`, and `<new> pre-upgrade`.
+//! The steps between the old daemon's exit and the new one's launch (DESIGN §5, step 4), in this
+//! order: take the tree lock, wait DAEMON_RESTART_DELAY, resolve the binary (staged and verified,
+//! or downloaded and verified), back up `data/` once per plan, run the custom pre-upgrade script,
+//! switch `current`, record the plan, run `<new> pre-upgrade`. A failure to resolve the binary
+//! costs nothing else: no backup, no script, `current` unchanged. A signal during the steps before
+//! the switch ends the step in progress promptly, removes its partial output and leaves `current`
+//! as it was, so the next start resumes the upgrade.
 
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tracing::{info, warn};
 
+use super::backup::{self, BackupError};
+use super::binary::{self, BinaryError, Pins};
 use super::config::Config;
 use crate::apply::{self, fetch, install};
 use crate::render::error_chain;
@@ -17,36 +26,18 @@ use crate::tree::{self, Layout, PlanInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
-    #[error("backup of {} refused: it needs {need} bytes and {} has {free} free", data.display(), dir.display())]
-    NoRoom {
-        data: PathBuf,
-        dir: PathBuf,
-        need: u64,
-        free: u64,
-    },
-    #[error("cannot back up {} to {}", from.display(), to.display())]
-    Backup {
-        from: PathBuf,
-        to: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
+    #[error("{0}; stage it with `cvx apply`, or allow downloads with DAEMON_ALLOW_DOWNLOAD_BINARIES=true")]
+    NotStaged(#[source] BinaryError),
+    #[error(transparent)]
+    Backup(#[from] BackupError),
     #[error("custom pre-upgrade script {} {outcome}", script.display())]
     CustomScript { script: PathBuf, outcome: String },
-    #[error("no binary for upgrade {name:?} at {}{why}", path.display())]
-    Missing {
-        name: String,
-        path: PathBuf,
-        why: String,
-    },
-    #[error("{} changed since cvx staged it (sha256 {actual}, receipt says {expected}); refusing to run unverified bytes", path.display())]
-    Tampered {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
     #[error("cannot download the binary for upgrade {name:?}: {reason}")]
     Download { name: String, reason: String },
+    #[error("cannot take the tree's lock")]
+    Lock(#[source] apply::ApplyError),
     #[error("cannot switch current to {dir}")]
     Switch {
         dir: String,
@@ -55,6 +46,8 @@ pub enum UpgradeError {
     },
     #[error("pre-upgrade of the new binary {outcome}")]
     PreUpgrade { outcome: String },
+    #[error("interrupted by a signal while {step}; current is unchanged and the next start resumes the upgrade")]
+    Interrupted { step: &'static str },
     #[error("cannot {action} {}", path.display())]
     Io {
         action: &'static str,
@@ -73,6 +66,66 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Upgrad
     }
 }
 
+/// Set when a signal arrives during the upgrade: blocking work polls the flag, async work awaits
+/// [`Cancel::wait`].
+#[derive(Clone)]
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    changed: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The side that cancels.
+pub struct Canceller {
+    flag: Arc<AtomicBool>,
+    changed: tokio::sync::watch::Sender<bool>,
+}
+
+impl Canceller {
+    pub fn new() -> (Canceller, Cancel) {
+        let flag = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        (
+            Canceller {
+                flag: flag.clone(),
+                changed: tx,
+            },
+            Cancel { flag, changed: rx },
+        )
+    }
+
+    pub fn cancel(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        let _ = self.changed.send(true);
+    }
+}
+
+impl Cancel {
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once cancelled.
+    async fn wait(&self) {
+        let mut changed = self.changed.clone();
+        let _ = changed.wait_for(|c| *c).await;
+    }
+
+    /// `work`, unless a signal comes first.
+    pub async fn guard<T>(
+        &self,
+        step: &'static str,
+        work: impl Future<Output = Result<T, UpgradeError>>,
+    ) -> Result<T, UpgradeError> {
+        if self.is_set() {
+            return Err(UpgradeError::Interrupted { step });
+        }
+        tokio::select! {
+            result = work => result,
+            () = self.wait() => Err(UpgradeError::Interrupted { step }),
+        }
+    }
+}
+
 /// `LD_LIBRARY_PATH` for a binary of `stage`: its `lib/` first, then what the environment had.
 pub fn library_path(layout: &Layout, stage: &str) -> OsString {
     let mut path = layout.root().join(stage).join("lib").into_os_string();
@@ -83,32 +136,93 @@ pub fn library_path(layout: &Layout, stage: &str) -> OsString {
     path
 }
 
-/// Everything between stop and relaunch, in DESIGN's order.
+/// Take the tree's lock, waiting (saying so) while `cvx apply` holds it: it may be staging the
+/// very binary this upgrade needs. Cancel it with [`Cancel::guard`].
+pub async fn lock(layout: &Layout) -> Result<apply::TreeLock, UpgradeError> {
+    let mut said = false;
+    loop {
+        match apply::lock(layout, Duration::ZERO, apply::Role::Run) {
+            Ok(lock) => return Ok(lock),
+            Err(apply::ApplyError::Locked { holder, path, .. }) => {
+                if !said {
+                    info!(
+                        "{} holds {}; waiting for it to finish",
+                        holder.map_or_else(|| "another cvx process".to_string(), |h| h.to_string()),
+                        path.display()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => return Err(UpgradeError::Lock(e)),
+        }
+    }
+}
+
+/// Everything between stop and relaunch, in DESIGN's order, under the tree lock.
 pub async fn perform(
     config: &Config,
     layout: &Layout,
     plan: &PlanInfo,
+    cancel: &Cancel,
 ) -> Result<(), UpgradeError> {
     let dir = tree::upgrade_dir(&plan.name, config.recase);
     let (name, height) = (plan.name.as_str(), plan.height);
+    let _lock = cancel
+        .guard("waiting for the tree lock", lock(layout))
+        .await?;
     if let Some(delay) = config.restart_delay {
         info!(upgrade = %name, height, "waiting DAEMON_RESTART_DELAY {}", crate::duration::show(delay));
-        tokio::time::sleep(delay).await;
+        cancel
+            .guard("waiting DAEMON_RESTART_DELAY", async {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            })
+            .await?;
     }
+
+    let pins = Pins::load(config.manifest.as_deref(), config.recase)?;
+    let binary = resolve(config, layout, plan, &dir, pins.as_ref(), cancel).await?;
+    info!(upgrade = %name, height, "binary {} is staged and verified", binary.display());
+
     if config.skip_backup {
         info!(upgrade = %name, height, "backup skipped (UNSAFE_SKIP_BACKUP)");
+    } else if let Some(record) = backup::taken(layout, plan, config.recase) {
+        info!(upgrade = %name, height, "data was already backed up for this upgrade to {}; not copying again", record.path.display());
     } else {
-        let home = config.home.clone();
-        let backup_dir = config.backup_dir.clone();
-        let to = tokio::task::spawn_blocking(move || backup(&home, &backup_dir))
-            .await
-            .expect("backup does not panic")?;
-        info!(upgrade = %name, height, "backed up data to {}", to.display());
+        info!(upgrade = %name, height, "backing up data to {}", config.backup_dir.display());
+        let (home, backup_dir, layout2, plan2, recase, flag) = (
+            config.home.clone(),
+            config.backup_dir.clone(),
+            layout.clone(),
+            plan.clone(),
+            config.recase,
+            cancel.flag.clone(),
+        );
+        let record = tokio::task::spawn_blocking(move || {
+            backup::backup(&home, &backup_dir, &layout2, &plan2, recase, &flag)
+        })
+        .await
+        .expect("backup does not panic")?;
+        info!(
+            upgrade = %name,
+            height,
+            "backed up data to {} in {} ({} files, {} bytes copied)",
+            record.path.display(),
+            backup::took(&record),
+            record.files,
+            record.bytes_copied
+        );
     }
+
     if let Some(script) = &config.custom_preupgrade {
-        run_custom_script(config, script, plan).await?;
+        run_custom_script(config, script, plan, cancel).await?;
     }
-    ensure_binary(config, layout, plan, &dir).await?;
+    if cancel.is_set() {
+        return Err(UpgradeError::Interrupted {
+            step: "about to switch",
+        });
+    }
     install::point_current(layout, &dir).map_err(|source| UpgradeError::Switch {
         dir: dir.clone(),
         source,
@@ -118,165 +232,48 @@ pub async fn perform(
     pre_upgrade(config, layout, plan, &dir).await
 }
 
-/// Copy `home/data` to `backup_dir/data-backup-<date>`, refusing early when the room is short.
-fn backup(home: &Path, backup_dir: &Path) -> Result<PathBuf, UpgradeError> {
-    let data = home.join("data");
-    let need = tree_size(&data).map_err(io_err("measure", &data))?;
-    fs::create_dir_all(backup_dir).map_err(io_err("create", backup_dir))?;
-    let stat = rustix::fs::statvfs(backup_dir)
-        .map_err(|e| io_err("measure free space of", backup_dir)(e.into()))?;
-    let free = stat.f_bavail.saturating_mul(stat.f_frsize);
-    if need > free {
-        return Err(UpgradeError::NoRoom {
-            data,
-            dir: backup_dir.to_path_buf(),
-            need,
-            free,
-        });
-    }
-    let date = crate::time::format_go("2006-1-2", std::time::SystemTime::now());
-    let mut to = backup_dir.join(format!("data-backup-{date}"));
-    if to.exists() {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        to = backup_dir.join(format!("data-backup-{date}-{stamp}"));
-    }
-    copy_tree(&data, &to).map_err(|source| UpgradeError::Backup {
-        from: data.clone(),
-        to: to.clone(),
-        source,
-    })?;
-    Ok(to)
-}
-
-fn tree_size(path: &Path) -> io::Result<u64> {
-    let meta = fs::symlink_metadata(path)?;
-    if !meta.is_dir() {
-        return Ok(meta.len());
-    }
-    let mut total = 0;
-    for entry in fs::read_dir(path)? {
-        total += tree_size(&entry?.path())?;
-    }
-    Ok(total)
-}
-
-fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    let meta = fs::symlink_metadata(from)?;
-    if meta.is_dir() {
-        fs::create_dir_all(to)?;
-        for entry in fs::read_dir(from)? {
-            let entry = entry?;
-            copy_tree(&entry.path(), &to.join(entry.file_name()))?;
-        }
-        fs::set_permissions(to, meta.permissions())
-    } else if meta.file_type().is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(from)?, to)
-    } else {
-        fs::copy(from, to).map(drop)
-    }
-}
-
-async fn run_custom_script(
-    config: &Config,
-    script: &Path,
-    plan: &PlanInfo,
-) -> Result<(), UpgradeError> {
-    info!(upgrade = %plan.name, height = plan.height, "running COSMOVISOR_CUSTOM_PREUPGRADE {}", script.display());
-    let status = tokio::process::Command::new(script)
-        .arg(&plan.name)
-        .arg(plan.height.to_string())
-        .current_dir(&config.home)
-        .status()
-        .await;
-    match status {
-        Ok(s) if s.success() => Ok(()),
-        Ok(s) => Err(UpgradeError::CustomScript {
-            script: script.to_path_buf(),
-            outcome: describe(s),
-        }),
-        Err(e) => Err(UpgradeError::CustomScript {
-            script: script.to_path_buf(),
-            outcome: format!("could not be run: {e}"),
-        }),
-    }
-}
-
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(sig)) => format!("was killed by signal {sig}"),
-        _ => "ended abnormally".into(),
-    }
-}
-
-/// Whether the staged binary of `dir` is there and matches its receipt (when it has one).
-pub fn staged_binary(config: &Config, layout: &Layout, dir: &str) -> Result<PathBuf, UpgradeError> {
-    let rel = format!("{dir}/bin/{}", config.name);
-    let path = layout.root().join(&rel);
-    if !path.is_file() {
-        return Err(UpgradeError::Missing {
-            name: dir.trim_start_matches("upgrades/").to_string(),
-            path,
-            why: String::new(),
-        });
-    }
-    if let Some(receipt) = crate::receipt::read(&layout.receipts(), &rel) {
-        // Unchanged since apply verified it (same identity, as plan decides): no re-read of a
-        // 100 MiB binary while the chain waits. Anything else is hashed before it may run.
-        let meta = std::fs::metadata(&path).map_err(io_err("inspect", &path))?;
-        if tree::receipt_holds(&layout.receipts(), &rel, &receipt, &meta) {
-            return Ok(path);
-        }
-        let (actual, _) = crate::hash::sha256_file(&path).map_err(io_err("read", &path))?;
-        if actual != receipt.sha256 {
-            return Err(UpgradeError::Tampered {
-                path,
-                expected: receipt.sha256,
-                actual,
-            });
-        }
-    } else {
-        warn!(
-            "{} has no cvx receipt: staged by another tool, not verified by cvx",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-/// The binary for `plan`: staged and verified, or downloaded and verified when allowed.
-async fn ensure_binary(
+/// The binary of `plan`, proven fit to run: staged and verified, or downloaded, verified and
+/// staged when DAEMON_ALLOW_DOWNLOAD_BINARIES allows it.
+async fn resolve(
     config: &Config,
     layout: &Layout,
     plan: &PlanInfo,
     dir: &str,
-) -> Result<(), UpgradeError> {
-    let missing = match staged_binary(config, layout, dir) {
-        Ok(path) => {
-            info!(upgrade = %plan.name, height = plan.height, "binary {} is staged", path.display());
-            return Ok(());
+    pins: Option<&Pins>,
+    cancel: &Cancel,
+) -> Result<PathBuf, UpgradeError> {
+    match binary::verify(layout, &config.name, dir, pins) {
+        Err(missing @ BinaryError::Missing { .. }) if !config.allow_download => {
+            Err(UpgradeError::NotStaged(missing))
         }
-        Err(e @ UpgradeError::Missing { .. }) => e,
-        Err(e) => return Err(e),
-    };
-    if !config.allow_download {
-        return Err(match missing {
-            UpgradeError::Missing { name, path, .. } => UpgradeError::Missing {
-                name,
-                path,
-                why: "; stage it with `cvx apply`, or allow downloads with DAEMON_ALLOW_DOWNLOAD_BINARIES=true".into(),
-            },
-            other => other,
-        });
+        Err(BinaryError::Missing { .. }) => {
+            cancel
+                .guard(
+                    "downloading the binary",
+                    download(config, layout, plan, dir, pins),
+                )
+                .await?;
+            Ok(binary::verify(layout, &config.name, dir, pins)?)
+        }
+        other => Ok(other?),
     }
+}
+
+/// Download `plan`'s binary, verify it and stage it at `dir`.
+async fn download(
+    config: &Config,
+    layout: &Layout,
+    plan: &PlanInfo,
+    dir: &str,
+    pins: Option<&Pins>,
+) -> Result<(), UpgradeError> {
     let download_err = |reason: String| UpgradeError::Download {
         name: plan.name.clone(),
         reason,
     };
-    let (url, sha256, member) = download_source(config, plan).await.map_err(download_err)?;
+    let (url, sha256, member) = download_source(config, plan, dir, pins)
+        .await
+        .map_err(download_err)?;
     info!(upgrade = %plan.name, height = plan.height, "downloading {url}");
     let options = fetch::FetchOptions::default();
     let client = fetch::client(&options).map_err(|e| download_err(error_chain(&e)))?;
@@ -310,33 +307,76 @@ async fn ensure_binary(
     result.map(drop).map_err(download_err)
 }
 
+/// `COSMOVISOR_CUSTOM_PREUPGRADE <name> <height>` in the home, made executable for its owner first
+/// as Cosmovisor does; killed (its whole group) when a signal interrupts the upgrade.
+async fn run_custom_script(
+    config: &Config,
+    script: &Path,
+    plan: &PlanInfo,
+    cancel: &Cancel,
+) -> Result<(), UpgradeError> {
+    let script_err = |outcome: String| UpgradeError::CustomScript {
+        script: script.to_path_buf(),
+        outcome,
+    };
+    let meta = fs::metadata(script).map_err(|e| script_err(format!("cannot be read: {e}")))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o100 == 0 {
+        info!("adding u+x to {}, as Cosmovisor does", script.display());
+        fs::set_permissions(script, fs::Permissions::from_mode(mode | 0o100))
+            .map_err(|e| script_err(format!("is not executable and cannot be made so: {e}")))?;
+    }
+    info!(upgrade = %plan.name, height = plan.height, "running COSMOVISOR_CUSTOM_PREUPGRADE {}", script.display());
+    let mut child = tokio::process::Command::new(script)
+        .arg(&plan.name)
+        .arg(plan.height.to_string())
+        .current_dir(&config.home)
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| script_err(format!("could not be run: {e}")))?;
+    let status = tokio::select! {
+        status = child.wait() => status.map_err(|e| script_err(format!("could not be waited for: {e}")))?,
+        () = cancel.wait() => {
+            if let Some(pid) = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = child.wait().await;
+            return Err(UpgradeError::Interrupted { step: "running the custom pre-upgrade script" });
+        }
+    };
+    if status.success() {
+        Ok(())
+    } else {
+        Err(script_err(describe(status)))
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => "ended abnormally".into(),
+    }
+}
+
 /// Where to download `plan`'s binary from, and its sha256: the manifest's pin when a manifest
 /// is known and names the upgrade, else the plan's `info` with its `?checksum=sha256:...`.
 async fn download_source(
     config: &Config,
     plan: &PlanInfo,
+    dir: &str,
+    pins: Option<&Pins>,
 ) -> Result<(String, String, Option<String>), String> {
-    let platform = crate::cli::host_platform();
-    if let Some(path) = &config.manifest {
-        let loaded =
-            crate::manifest::load(path).map_err(|e| format!("manifest {}: {e}", path.display()))?;
-        let pinned = loaded
-            .manifest
-            .upgrades
-            .iter()
-            .find(|u| {
-                tree::upgrade_dir(&u.name, config.recase)
-                    == tree::upgrade_dir(&plan.name, config.recase)
-            })
-            .and_then(|u| u.binary.get(&platform));
-        if let Some(artifact) = pinned {
-            return Ok((
-                artifact.url.clone(),
-                artifact.sha256.clone(),
-                artifact.path.clone(),
-            ));
-        }
+    if let Some(artifact) = pins.and_then(|p| p.binary(dir)) {
+        return Ok((
+            artifact.url.clone(),
+            artifact.sha256.clone(),
+            artifact.path.clone(),
+        ));
     }
+    let platform = crate::cli::host_platform();
     let binaries = plan_binaries(&plan.info).await?;
     let url = binaries
         .get(&platform)

@@ -17,6 +17,8 @@ pub struct Watcher {
     sender: mpsc::UnboundedSender<()>,
     watcher: Option<notify::RecommendedWatcher>,
     poll: tokio::time::Interval,
+    /// The last unusable content logged: the same bytes are not logged again on every tick.
+    reported: Option<Vec<u8>>,
 }
 
 impl Watcher {
@@ -30,6 +32,7 @@ impl Watcher {
             sender,
             watcher: None,
             poll,
+            reported: None,
         };
         watcher.arm();
         watcher
@@ -80,26 +83,41 @@ impl Watcher {
         }
     }
 
-    /// The file's state now. Half-written and invalid files are states, logged, never errors.
-    pub fn read(&self) -> UpgradeInfo {
-        let info = match std::fs::read(&self.file) {
-            Ok(bytes) => parse_upgrade_info(&bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => UpgradeInfo::Missing,
-            Err(e) => UpgradeInfo::Invalid {
-                error: e.to_string(),
-            },
+    /// The file's state now. Half-written and invalid files are states, logged once per distinct
+    /// content (a node that leaves a broken file would otherwise flood the journal), never errors.
+    pub fn read(&mut self) -> UpgradeInfo {
+        let (info, bytes) = match std::fs::read(&self.file) {
+            Ok(bytes) => (parse_upgrade_info(&bytes), bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (UpgradeInfo::Missing, Vec::new()),
+            Err(e) => {
+                let error = e.to_string();
+                let bytes = error.clone().into_bytes();
+                (UpgradeInfo::Invalid { error }, bytes)
+            }
         };
+        let unusable = matches!(
+            info,
+            UpgradeInfo::Partial { .. } | UpgradeInfo::Invalid { .. }
+        );
+        if !unusable {
+            self.reported = None;
+            return info;
+        }
+        if self.reported.as_ref() == Some(&bytes) {
+            return info;
+        }
         match &info {
             UpgradeInfo::Partial { error } => tracing::info!(
                 "{} is incomplete ({error}); reading it again on the next event",
                 self.file.display()
             ),
             UpgradeInfo::Invalid { error } => tracing::warn!(
-                "{} is not a valid plan ({error}); reading it again on the next event",
+                "{} is not a valid plan ({error}); reading it again when it changes",
                 self.file.display()
             ),
             _ => {}
         }
+        self.reported = Some(bytes);
         info
     }
 }
@@ -136,15 +154,28 @@ impl Trigger {
     }
 }
 
-/// The node's RPC listen address from `$DAEMON_HOME/config/config.toml` (`[rpc] laddr`).
+/// The node's RPC listen address from `$DAEMON_HOME/config/config.toml` (`[rpc] laddr`), as a
+/// URL cvx can reach: a node listening on all interfaces answers on loopback.
 pub fn rpc_address(home: &Path) -> Option<String> {
     let text = std::fs::read_to_string(home.join("config").join("config.toml")).ok()?;
     let table: toml::Table = text.parse().ok()?;
-    let laddr = table.get("rpc")?.get("laddr")?.as_str()?;
+    rpc_url(table.get("rpc")?.get("laddr")?.as_str()?)
+}
+
+/// `tcp://HOST:PORT` (or `HOST:PORT`) as an http URL; None for a unix socket or no port.
+fn rpc_url(laddr: &str) -> Option<String> {
+    if laddr.starts_with("unix://") {
+        return None;
+    }
     let hostport = laddr.strip_prefix("tcp://").unwrap_or(laddr);
-    // A node listening on all interfaces answers on loopback.
-    let hostport = hostport.replace("0.0.0.0", "127.0.0.1");
-    Some(format!("http://{hostport}"))
+    let (host, port) = hostport.rsplit_once(':')?;
+    port.parse::<u16>().ok()?;
+    let host = match host {
+        "" | "0.0.0.0" => "127.0.0.1",
+        "[::]" => "[::1]",
+        other => other,
+    };
+    Some(format!("http://{host}:{port}"))
 }
 
 /// GET `path` from the node's CometBFT RPC and parse the JSON answer; None when it does not
@@ -192,6 +223,33 @@ mod tests {
             height,
             info: String::new(),
         }
+    }
+
+    #[test]
+    fn rpc_addresses() {
+        assert_eq!(
+            rpc_url("tcp://0.0.0.0:26657").as_deref(),
+            Some("http://127.0.0.1:26657")
+        );
+        assert_eq!(
+            rpc_url("tcp://10.0.0.0:26657").as_deref(),
+            Some("http://10.0.0.0:26657"),
+            "only the whole host 0.0.0.0 means all interfaces"
+        );
+        assert_eq!(
+            rpc_url("tcp://[::]:26657").as_deref(),
+            Some("http://[::1]:26657")
+        );
+        assert_eq!(
+            rpc_url("tcp://[::1]:26657").as_deref(),
+            Some("http://[::1]:26657")
+        );
+        assert_eq!(
+            rpc_url("127.0.0.1:1").as_deref(),
+            Some("http://127.0.0.1:1")
+        );
+        assert_eq!(rpc_url("unix:///run/node.sock"), None);
+        assert_eq!(rpc_url("tcp://localhost"), None);
     }
 
     #[test]

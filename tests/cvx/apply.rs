@@ -853,7 +853,7 @@ fn concurrent_applies_take_turns_on_the_lock() {
         )),
         "{stderr}"
     );
-    assert!(stderr.contains("hint: wait for the other apply to finish, or raise --lock-timeout"));
+    assert!(stderr.contains("hint: wait for the other cvx to finish, or raise --lock-timeout"));
     assert_eq!(
         first.try_wait().unwrap(),
         None,

@@ -600,8 +600,10 @@ fn data_is_backed_up_before_the_upgrade() {
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     assert_eq!(dirs.len(), 1, "{dirs:?}");
+    // data-backup-<date>-<upgrade>: unique per plan.
     let date = dirs[0]
         .strip_prefix("data-backup-")
+        .and_then(|rest| rest.strip_suffix("-v2"))
         .unwrap_or_else(|| panic!("{dirs:?}"));
     let parts: Vec<&str> = date.split('-').collect();
     assert!(
