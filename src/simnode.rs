@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 const USAGE: &str = "\
-usage: simnode [SIM OPTIONS] <version | pre-upgrade | start> [--home DIR] [DAEMON ARGS]
+usage: simnode [SIM OPTIONS] <version | pre-upgrade | start | keys add NAME> [--home DIR] [DAEMON ARGS]
 
 sim options (must come before the daemon's arguments):
   --sim-version V                     version printed by `version` (default v0.0.0-simnode)
@@ -99,8 +99,34 @@ pub fn main(args: Vec<String>) -> ExitCode {
         }
         Some("pre-upgrade") => pre_upgrade(&sim, &daemon_args[1..]),
         Some("start") => start(sim, &daemon_args[1..]),
+        Some("keys") => keys(&daemon_args[1..]),
         Some(other) => usage_error(&format!("unknown command {other:?}")),
         None => usage_error("no command given"),
+    }
+}
+
+/// `keys add NAME`: asks for a passphrase on the terminal and reads it from stdin, as the SDK's
+/// keyring does: an interactive command a supervisor must let through.
+fn keys(args: &[String]) -> ExitCode {
+    let [add, name, ..] = args else {
+        return usage_error("keys: expected `keys add NAME`");
+    };
+    if add != "add" {
+        return usage_error(&format!("keys: unknown subcommand {add:?}"));
+    }
+    eprint!("Enter keyring passphrase:");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    match std::io::stdin().read_line(&mut line) {
+        Ok(0) | Err(_) => fail("keys add: no passphrase given"),
+        Ok(_) => {
+            let passphrase = line.trim_end_matches(['\r', '\n']);
+            out(&format!(
+                "key {name} added (passphrase of {} characters)",
+                passphrase.chars().count()
+            ));
+            ExitCode::SUCCESS
+        }
     }
 }
 

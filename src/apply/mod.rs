@@ -201,7 +201,9 @@ pub fn lock(layout: &Layout, timeout: Duration, role: Role) -> Result<TreeLock, 
                 if !said {
                     tracing::warn!(
                         "{} holds {}; waiting up to {}",
-                        holder.as_ref().map_or_else(|| "another cvx process".to_string(), Holder::to_string),
+                        holder
+                            .as_ref()
+                            .map_or_else(|| "another cvx process".to_string(), Holder::to_string),
                         path.display(),
                         crate::duration::show(timeout)
                     );

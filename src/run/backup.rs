@@ -180,7 +180,8 @@ fn write_record(path: &Path, record: &Record) -> Result<(), BackupError> {
     let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(io_err("write", path))?;
     serde_json::to_writer_pretty(&mut tmp, record).map_err(|e| io_err("write", path)(e.into()))?;
     tmp.as_file().sync_all().map_err(io_err("sync", path))?;
-    tmp.persist(path).map_err(|e| io_err("write", path)(e.error))?;
+    tmp.persist(path)
+        .map_err(|e| io_err("write", path)(e.error))?;
     Ok(())
 }
 

@@ -50,7 +50,11 @@ impl Daemon {
             .id()
             .and_then(|id| Pid::from_raw(id as i32))
             .ok_or_else(|| std::io::Error::other("the daemon exited before it could be watched"))?;
-        info!(pid = pid.as_raw_nonzero().get(), "started {}", path.display());
+        info!(
+            pid = pid.as_raw_nonzero().get(),
+            "started {}",
+            path.display()
+        );
         Ok(Daemon {
             child,
             pid,

@@ -323,7 +323,10 @@ fn inside(path: &Path, dir: &Path) -> bool {
     let mut existing = path.to_path_buf();
     let mut rest = Vec::new();
     while !existing.exists() {
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -398,7 +401,10 @@ mod tests {
                 None,
             )
             .unwrap_err();
-            assert!(err.to_string().contains("copy into itself"), "{inside}: {err}");
+            assert!(
+                err.to_string().contains("copy into itself"),
+                "{inside}: {err}"
+            );
         }
         for outside in [h.to_string(), format!("{h}/data-backups")] {
             load(

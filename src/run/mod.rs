@@ -149,12 +149,7 @@ fn current_stage(layout: &Layout) -> String {
 fn verified_current(config: &Config, layout: &Layout) -> Result<PathBuf, RunError> {
     let pins = Pins::load(config.manifest.as_deref(), config.recase)?;
     let stage = current_stage(layout);
-    Ok(binary::verify(
-        layout,
-        &config.name,
-        &stage,
-        pins.as_ref(),
-    )?)
+    Ok(binary::verify(layout, &config.name, &stage, pins.as_ref())?)
 }
 
 /// Any command but `start`: verified, then executed in cvx's place. Changes nothing in the tree.
@@ -265,11 +260,12 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
             "{} does not exist: pointing it to genesis",
             layout.current().display()
         );
-        crate::apply::install::point_current(layout, tree::GENESIS)
-            .map_err(|source| RunError::Genesis(UpgradeError::Switch {
+        crate::apply::install::point_current(layout, tree::GENESIS).map_err(|source| {
+            RunError::Genesis(UpgradeError::Switch {
                 dir: tree::GENESIS.into(),
                 source,
-            }))?;
+            })
+        })?;
     }
     let mut signals = Signals::new().map_err(RunError::Setup)?;
     let mut detector = Detector {

@@ -28,7 +28,9 @@ use crate::tree::{self, Layout, PlanInfo};
 pub enum UpgradeError {
     #[error(transparent)]
     Binary(#[from] BinaryError),
-    #[error("{0}; stage it with `cvx apply`, or allow downloads with DAEMON_ALLOW_DOWNLOAD_BINARIES=true")]
+    #[error(
+        "{0}; stage it with `cvx apply`, or allow downloads with DAEMON_ALLOW_DOWNLOAD_BINARIES=true"
+    )]
     NotStaged(#[source] BinaryError),
     #[error(transparent)]
     Backup(#[from] BackupError),
@@ -46,7 +48,9 @@ pub enum UpgradeError {
     },
     #[error("pre-upgrade of the new binary {outcome}")]
     PreUpgrade { outcome: String },
-    #[error("interrupted by a signal while {step}; current is unchanged and the next start resumes the upgrade")]
+    #[error(
+        "interrupted by a signal while {step}; current is unchanged and the next start resumes the upgrade"
+    )]
     Interrupted { step: &'static str },
     #[error("cannot {action} {}", path.display())]
     Io {
@@ -203,7 +207,13 @@ pub async fn perform(
             backup::backup(&home, &backup_dir, &layout2, &plan2, recase, &flag)
         })
         .await
-        .expect("backup does not panic")?;
+        .expect("backup does not panic")
+        .map_err(|e| match e {
+            BackupError::Interrupted { .. } => UpgradeError::Interrupted {
+                step: "backing up data (the partial copy was removed)",
+            },
+            other => other.into(),
+        })?;
         info!(
             upgrade = %name,
             height,

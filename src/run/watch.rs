@@ -88,7 +88,9 @@ impl Watcher {
     pub fn read(&mut self) -> UpgradeInfo {
         let (info, bytes) = match std::fs::read(&self.file) {
             Ok(bytes) => (parse_upgrade_info(&bytes), bytes),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (UpgradeInfo::Missing, Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (UpgradeInfo::Missing, Vec::new())
+            }
             Err(e) => {
                 let error = e.to_string();
                 let bytes = error.clone().into_bytes();

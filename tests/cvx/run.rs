@@ -1287,3 +1287,518 @@ fn a_binary_changed_after_apply_staged_it_is_never_run() {
     );
     assert_eq!(applied(&ctx), Vec::<String>::new());
 }
+
+// ---------------------------------------------------------------------------------------------
+// The upgrade moment under faults
+
+/// Directories in `dir` (none when it does not exist), sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// The simnode processes running for this test's home (not cvx itself).
+fn nodes(ctx: &Ctx, cvx: &Running) -> Vec<i32> {
+    processes_with(&ctx.home)
+        .into_iter()
+        .filter(|(pid, args)| {
+            *pid != cvx.pid() && args.first().map(String::as_str) == Some(SIMNODE)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn with_backups<'a>(backups: &'a str, env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut all = vec![
+        ("UNSAFE_SKIP_BACKUP", "false"),
+        ("DAEMON_DATA_BACKUP_DIR", backups),
+    ];
+    all.extend_from_slice(env);
+    all
+}
+
+#[test]
+fn a_missing_binary_costs_no_backup() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    let backups = ctx.path("backups");
+    let env = with_backups(backups.to_str().unwrap(), &[]);
+
+    for _restart in 0..3 {
+        let (_, stderr) = run_cvx(&ctx, &env, &[], 1);
+        assert!(
+            stderr.contains("no binary at") && stderr.contains("stage it with `cvx apply`"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("backing up"), "{stderr}");
+    }
+    assert_eq!(entries(&backups), Vec::<String>::new());
+    assert_eq!(current(&ctx), "genesis");
+}
+
+#[test]
+fn three_restarts_of_a_failing_upgrade_make_one_backup() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-handlers v2 --sim-exit-at 5 0"),
+    );
+    let script = ctx.stage("fail.sh", b"#!/bin/sh\nexit 4\n");
+    executable(&script);
+    let backups = ctx.path("backups");
+    let env = with_backups(
+        backups.to_str().unwrap(),
+        &[("COSMOVISOR_CUSTOM_PREUPGRADE", "fail.sh")],
+    );
+
+    let (_, first) = run_cvx(&ctx, &env, &[], 1);
+    assert!(first.contains("exited with code 4"), "{first}");
+    for _restart in 0..2 {
+        let (_, stderr) = run_cvx(&ctx, &env, &[], 1);
+        assert!(
+            stderr.contains("already backed up for this upgrade"),
+            "{stderr}"
+        );
+    }
+    let taken = entries(&backups);
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert!(taken[0].starts_with("data-backup-") && taken[0].ends_with("-v2"));
+    assert_eq!(current(&ctx), "genesis");
+
+    // Fixed, the next start completes the upgrade without copying again.
+    fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 0);
+    assert!(stderr.contains("already backed up"), "{stderr}");
+    assert_eq!(current(&ctx), "upgrades/v2");
+    assert_eq!(entries(&backups), taken);
+}
+
+#[test]
+fn sigterm_mid_backup_exits_promptly_and_the_next_start_completes_the_upgrade() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-handlers v2 --sim-exit-at 5 0"),
+    );
+    // Mutable database files (copied, never linked): enough that copying and syncing them takes
+    // a while on any disk.
+    let db = ctx.home.join("data/application.db");
+    fs::create_dir_all(&db).unwrap();
+    let chunk = vec![0x5au8; 32 << 20];
+    for i in 0..12 {
+        fs::write(db.join(format!("{i:06}.log")), &chunk).unwrap();
+    }
+    let backups = ctx.path("backups");
+    let env = with_backups(backups.to_str().unwrap(), &[]);
+
+    let mut cvx = spawn(&ctx, command(&ctx, &env, &[]));
+    let partial = || {
+        entries(&backups)
+            .into_iter()
+            .find(|e| e.starts_with(".data-backup-partial-"))
+    };
+    wait_for("the backup to start copying", LIMIT, || {
+        partial().is_some_and(|p| !entries(&backups.join(p).join("application.db")).is_empty())
+    });
+    let signalled = Instant::now();
+    send(cvx.pid(), Signal::TERM);
+    let status = cvx.exit();
+    let took = signalled.elapsed();
+
+    assert_eq!(status.code(), Some(128 + 15), "{}", cvx.logs());
+    assert!(
+        took < Duration::from_secs(3),
+        "cvx took {took:?} to exit\n{}",
+        cvx.logs()
+    );
+    assert!(
+        cvx.stderr().contains("interrupted by a signal"),
+        "{}",
+        cvx.logs()
+    );
+    assert_eq!(
+        entries(&backups),
+        Vec::<String>::new(),
+        "no partial copy is left, and nothing looks like a complete backup"
+    );
+    assert_eq!(current(&ctx), "genesis");
+
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 0);
+    assert!(
+        logged(&stderr, "v2", 3, "switching before launch"),
+        "{stderr}"
+    );
+    let taken = entries(&backups);
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    assert_eq!(
+        fs::metadata(backups.join(&taken[0]).join("application.db/000011.log"))
+            .unwrap()
+            .len(),
+        32 << 20
+    );
+    assert_eq!(current(&ctx), "upgrades/v2");
+    assert_eq!(applied(&ctx), ["v2"]);
+}
+
+#[test]
+fn a_backup_dir_inside_data_is_refused_before_anything_starts() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    let inside = ctx.home.join("data/backups");
+    let env = with_backups(inside.to_str().unwrap(), &[]);
+
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 1);
+
+    assert!(stderr.contains("copy into itself"), "{stderr}");
+    assert_eq!(height(&ctx), None, "the node never started");
+}
+
+#[test]
+fn an_interactive_command_on_a_terminal_reads_its_input() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "");
+    // `script` gives the command a pseudo-terminal, and types our stdin into it.
+    let mut child = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("{CVX} run keys add validator"))
+        .arg("/dev/null")
+        .env("DAEMON_HOME", &ctx.home)
+        .env("DAEMON_NAME", DAEMON)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(fs::File::create(ctx.path("pty.out")).unwrap())
+        .stderr(fs::File::create(ctx.path("pty.err")).unwrap())
+        .spawn()
+        .expect("run script(1), from util-linux");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hunter22\n")
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > LIMIT {
+            let _ = child.kill();
+            panic!(
+                "the command did not finish: it never got its input\n{}",
+                read(&ctx.path("pty.out"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let out = read(&ctx.path("pty.out"));
+    assert!(status.success(), "{status}\n{out}");
+    assert!(
+        out.contains("Enter keyring passphrase:")
+            && out.contains("key validator added (passphrase of 8 characters)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn commands_other_than_start_leave_current_alone() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-version v1.0.0");
+    stage_bin(&ctx, "upgrades/v2", &wrapper("--sim-version v2.0.0"));
+    fs::create_dir_all(ctx.home.join("data")).unwrap();
+    fs::write(
+        ctx.home.join("data/upgrade-info.json"),
+        r#"{"name":"v2","height":3}"#,
+    )
+    .unwrap();
+
+    let mut cmd = Command::new(CVX);
+    cmd.env("DAEMON_HOME", &ctx.home)
+        .env("DAEMON_NAME", DAEMON)
+        .env("UNSAFE_SKIP_BACKUP", "false")
+        .args(["run", "version"]);
+    let out = cmd.output().unwrap();
+
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v1.0.0");
+    assert_eq!(current(&ctx), "genesis", "only start switches");
+    assert_eq!(
+        entries(&ctx.home),
+        ["cosmovisor", "data"],
+        "no backup either"
+    );
+    assert!(!ctx.cosmovisor(".cvx").exists(), "not even a lock file");
+}
+
+/// A manifest pinning the genesis and v2 wrappers (files in the test dir), applied to the home.
+fn applied_tree(ctx: &Ctx, genesis_sim: &str, v2_sim: &str) -> (Vec<u8>, Vec<u8>) {
+    let g = wrapper(genesis_sim);
+    let v2 = wrapper(v2_sim);
+    let (g_src, v2_src) = (ctx.path("g-src"), ctx.path("v2-src"));
+    fs::write(&g_src, &g).unwrap();
+    fs::write(&v2_src, &v2).unwrap();
+    let p = platform();
+    ctx.manifest(&format!(
+        "[chain]\nid = \"t-1\"\ndaemon = \"{DAEMON}\"\n[genesis]\nbinary.\"{p}\" = {{ url = \"{}\", sha256 = \"{}\" }}\n[[upgrade]]\nname = \"v2\"\nbinary.\"{p}\" = {{ url = \"{}\", sha256 = \"{}\" }}\n",
+        g_src.display(),
+        sha256(&g),
+        v2_src.display(),
+        sha256(&v2)
+    ));
+    let out = Command::new(CVX)
+        .current_dir(ctx.dir.path())
+        .args(["apply", "-q", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (g, v2)
+}
+
+#[test]
+fn a_staged_binary_changed_after_apply_is_refused_at_launch() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let (g, _) = applied_tree(&ctx, "--sim-version v1.0.0", "--sim-handlers v2");
+    let evil = String::from_utf8(g).unwrap().replace("v1.0.0", "v6.6.6");
+    fs::write(ctx.cosmovisor("genesis/bin/simd"), evil).unwrap();
+
+    let (_, stderr) = run_cvx(&ctx, &[], &[], 1);
+    assert!(
+        stderr.contains("refusing to start the daemon")
+            && stderr.contains("changed since cvx staged it"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint:"), "{stderr}");
+    assert_eq!(height(&ctx), None, "the changed binary never ran");
+
+    let out = Command::new(CVX)
+        .env("DAEMON_HOME", &ctx.home)
+        .env("DAEMON_NAME", DAEMON)
+        .args(["run", "version"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("v6.6.6"));
+}
+
+#[test]
+fn with_a_manifest_a_binary_must_be_the_pinned_one() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    applied_tree(
+        &ctx,
+        "--sim-version v1.0.0 --sim-upgrade v2@3",
+        "--sim-handlers v2",
+    );
+    let manifest = ctx.path("cvx.toml");
+    let manifest = manifest.to_str().unwrap();
+    // Staged by hand over the verified v2 (a receipt no longer holds, and no receipt at all for
+    // what replaces it): the manifest's pin decides.
+    let v2 = ctx.cosmovisor("upgrades/v2/bin/simd");
+    fs::remove_file(&v2).unwrap();
+    fs::remove_file(ctx.cosmovisor(".cvx/receipts/upgrades/v2/bin/simd.json")).unwrap();
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-handlers v2 --sim-version v9 --sim-exit-at 5 0"),
+    );
+
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_MANIFEST", manifest)], &[], 1);
+    assert!(
+        stderr.contains("is not what the manifest") && stderr.contains("cvx has no receipt"),
+        "{stderr}"
+    );
+    assert_eq!(current(&ctx), "genesis", "{stderr}");
+
+    // Without the manifest, the same binary runs with a warning, as Cosmovisor would run it.
+    let (_, stderr) = run_cvx(&ctx, &[], &[], 0);
+    assert!(stderr.contains("has no cvx receipt"), "{stderr}");
+    assert_eq!(current(&ctx), "upgrades/v2");
+}
+
+#[test]
+fn apply_waits_while_run_switches_and_a_signal_ends_the_custom_script() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    applied_tree(
+        &ctx,
+        "--sim-upgrade v2@3",
+        "--sim-handlers v2 --sim-exit-at 5 0",
+    );
+    let out = ctx.dir.path().display().to_string();
+    // Not executable: cvx adds u+x as Cosmovisor does.
+    ctx.stage(
+        "hold.sh",
+        format!(
+            "#!/bin/sh\ntouch '{out}/script-running'\nwhile [ ! -e '{out}/release' ]; do sleep 0.01; done\n"
+        )
+        .as_bytes(),
+    );
+    let env = [("COSMOVISOR_CUSTOM_PREUPGRADE", "hold.sh")];
+    let mut cvx = spawn(&ctx, command(&ctx, &env, &[]));
+    wait_for("the custom script to run", LIMIT, || {
+        ctx.path("script-running").exists()
+    });
+
+    let apply = Command::new(CVX)
+        .current_dir(ctx.dir.path())
+        .env("NO_COLOR", "1")
+        .args(["apply", "--lock-timeout", "300ms", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&apply.stderr);
+    assert_eq!(apply.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "locked by cvx run (pid {}), upgrading the node",
+            cvx.pid()
+        )),
+        "{stderr}"
+    );
+
+    let signalled = Instant::now();
+    send(cvx.pid(), Signal::TERM);
+    let status = cvx.exit();
+    assert_eq!(status.code(), Some(128 + 15), "{}", cvx.logs());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "{}",
+        cvx.logs()
+    );
+    assert!(
+        cvx.stderr()
+            .contains("interrupted by a signal while running the custom pre-upgrade script"),
+        "{}",
+        cvx.logs()
+    );
+    assert_eq!(current(&ctx), "genesis");
+    assert_eq!(nodes(&ctx, &cvx), Vec::<i32>::new());
+    assert!(
+        processes_with(&ctx.path("release")).is_empty(),
+        "the script was killed"
+    );
+
+    fs::write(ctx.path("release"), "").unwrap();
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 0);
+    assert!(
+        logged(&stderr, "v2", 3, "switched current to upgrades/v2"),
+        "{stderr}"
+    );
+    assert_eq!(applied(&ctx), ["v2"]);
+    let apply = Command::new(CVX)
+        .current_dir(ctx.dir.path())
+        .args(["apply", "--json", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    assert!(apply.status.success(), "{apply:?}");
+}
+
+#[test]
+fn a_plan_seen_while_the_rpc_gate_is_closed_fires_when_the_daemon_exits() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    rpc_config(&ctx);
+    genesis(
+        &ctx,
+        "--sim-rpc --sim-rpc-height-offset 5 --sim-upgrade v2@10",
+    );
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-handlers v2 --sim-exit-at 12 0"),
+    );
+    let mut cvx = spawn(&ctx, command(&ctx, &[], &[]));
+    wait_for("cvx to wait for the node's height", LIMIT, || {
+        cvx.stderr()
+            .contains("waiting for it to reach the plan's height")
+    });
+    let node = nodes(&ctx, &cvx);
+    assert_eq!(node.len(), 1, "{}", cvx.logs());
+    // The node goes down on its own (here: told to by someone else), at its halt height.
+    send(node[0], Signal::TERM);
+
+    let status = cvx.exit();
+    assert_eq!(status.code(), Some(0), "{}", cvx.logs());
+    assert!(
+        logged(&cvx.stderr(), "v2", 10, "switched current to upgrades/v2"),
+        "{}",
+        cvx.logs()
+    );
+    assert_eq!(applied(&ctx), ["v2"]);
+    assert_eq!(height(&ctx), Some(12));
+}
+
+#[test]
+fn an_invalid_upgrade_info_is_logged_once_per_content() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-exit-at 200 0");
+    fs::create_dir_all(ctx.home.join("data")).unwrap();
+    let file = ctx.home.join("data/upgrade-info.json");
+    let mut cvx = spawn(&ctx, command(&ctx, &[], &[]));
+    let lines = |cvx: &Running, needle: &str| {
+        cvx.stderr()
+            .lines()
+            .filter(|l| l.contains("is not a valid plan") && l.contains(needle))
+            .count()
+    };
+    // Blocks come every 10 ms and cvx polls every 50 ms: 30 blocks span several polls.
+    let polls_pass = || {
+        let from = height(&ctx).unwrap_or(0);
+        wait_for("30 more blocks", LIMIT, || {
+            height(&ctx).unwrap_or(0) >= from + 30
+        });
+    };
+
+    fs::write(&file, "not json").unwrap();
+    wait_for("the first report", LIMIT, || lines(&cvx, "expected") >= 1);
+    polls_pass();
+    fs::write(&file, r#"{"name":"..","height":50}"#).unwrap();
+    wait_for("the second report", LIMIT, || {
+        lines(&cvx, "would name the upgrades directory") >= 1
+    });
+    polls_pass();
+    fs::write(&file, "not json").unwrap();
+    wait_for("the first content again", LIMIT, || {
+        lines(&cvx, "expected") >= 2
+    });
+    polls_pass();
+
+    send(cvx.pid(), Signal::TERM);
+    cvx.exit();
+    assert_eq!(lines(&cvx, "expected"), 2, "{}", cvx.logs());
+    assert_eq!(
+        lines(&cvx, "would name the upgrades directory"),
+        1,
+        "{}",
+        cvx.logs()
+    );
+    assert_eq!(
+        current(&ctx),
+        "genesis",
+        "a plan named .. is never performed"
+    );
+}
