@@ -222,7 +222,7 @@ pub enum Error {
     #[error(transparent)]
     Apply(#[from] ApplyError),
     #[error(transparent)]
-    Run(#[from] crate::run::RunError),
+    Run(Box<crate::run::RunError>),
     #[error("{0}")]
     Usage(String),
     #[error("the demo failed")]
@@ -235,6 +235,13 @@ pub enum Error {
     Pin(#[from] crate::pin::PinError),
     #[error(transparent)]
     Drift(#[from] crate::drift::DriftError),
+}
+
+impl From<crate::run::RunError> for Error {
+    fn from(e: crate::run::RunError) -> Self {
+        // Boxed: the supervisor's errors carry digests and paths, and every Result would pay.
+        Error::Run(Box::new(e))
+    }
 }
 
 impl Error {

@@ -29,7 +29,7 @@ pub enum BinaryError {
         manifest: PathBuf,
         platform: String,
         found: String,
-        pin: Artifact,
+        pin: Box<Artifact>,
     },
     #[error("cannot read the manifest {} to verify the binary against its pin: {detail}", path.display())]
     Manifest { path: PathBuf, detail: String },
@@ -170,7 +170,7 @@ pub fn verify(
                                 .unwrap_or_default(),
                             receipt.source_sha256
                         ),
-                        pin: pin.clone(),
+                        pin: Box::new(pin.clone()),
                     });
                 }
             }
@@ -191,7 +191,7 @@ pub fn verify(
                             manifest: pins.path.clone(),
                             platform: pins.platform.clone(),
                             found: format!("its sha256 is {actual} and cvx has no receipt for it"),
-                            pin: pin.clone(),
+                            pin: Box::new(pin.clone()),
                         });
                     }
                 }

@@ -25,6 +25,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("COSMOVISOR_COLOR_LOGS", "true"),
     ("COSMOVISOR_TIMEFORMAT_LOGS", "kitchen"),
     ("CVX_MANIFEST", "none"),
+    ("CVX_MAX_SIZE", "4096 (MiB)"),
 ];
 
 /// Go's named time layouts Cosmovisor accepts for COSMOVISOR_TIMEFORMAT_LOGS.
@@ -62,8 +63,11 @@ pub struct Config {
     pub color_logs: bool,
     /// A Go layout, or None for no timestamps (an empty COSMOVISOR_TIMEFORMAT_LOGS).
     pub time_format: Option<&'static str>,
-    /// A manifest whose pins win over the plan's checksums for downloads.
+    /// A manifest whose pins every binary must match, and which win over the plan's checksums
+    /// for downloads.
     pub manifest: Option<PathBuf>,
+    /// Bytes a download may have, and bytes its archive may unpack to.
+    pub max_size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +276,18 @@ pub fn load(
         },
     };
     let manifest = sources.string("CVX_MANIFEST").map(PathBuf::from);
+    let max_size = match sources.get("CVX_MAX_SIZE") {
+        Some((v, at)) if !v.is_empty() => match v.parse::<u64>() {
+            Ok(mib) if mib > 0 => mib.saturating_mul(1 << 20),
+            _ => {
+                sources.problems.push(format!(
+                    "{at}={v:?} is not a positive number of MiB (e.g. 4096)"
+                ));
+                0
+            }
+        },
+        _ => 4096 << 20,
+    };
 
     if !sources.problems.is_empty() {
         return Err(ConfigError {
@@ -309,6 +325,7 @@ pub fn load(
         color_logs,
         time_format,
         manifest,
+        max_size,
     })
 }
 
@@ -372,11 +389,12 @@ mod tests {
                 ("DAEMON_SHUTDOWN_GRACE", "5"),
                 ("DAEMON_PREUPGRADE_MAX_RETRIES", "-1"),
                 ("COSMOVISOR_TIMEFORMAT_LOGS", "iso"),
+                ("CVX_MAX_SIZE", "0"),
             ]),
             None,
         )
         .unwrap_err();
-        assert_eq!(err.problems.len(), 7, "{err}");
+        assert_eq!(err.problems.len(), 8, "{err}");
     }
 
     #[test]

@@ -44,7 +44,7 @@ pub enum RunError {
         name: String,
         height: u64,
         #[source]
-        source: UpgradeError,
+        source: Box<UpgradeError>,
     },
     #[error("cannot point current to genesis")]
     Genesis(#[source] UpgradeError),
@@ -59,11 +59,11 @@ impl RunError {
             RunError::Config(_) => {
                 Some("see README, `cvx run`, for every variable and its default".into())
             }
-            RunError::Binary(e)
-            | RunError::Upgrade {
-                source: UpgradeError::Binary(e),
-                ..
-            } => e.hint(),
+            RunError::Binary(e) => e.hint(),
+            RunError::Upgrade { source, .. } => match &**source {
+                UpgradeError::Binary(e) => e.hint(),
+                _ => None,
+            },
             _ => None,
         }
     }
@@ -384,7 +384,7 @@ async fn run_upgrade(
         (Err(source), _) => Err(RunError::Upgrade {
             name: plan.name.clone(),
             height: plan.height,
-            source,
+            source: Box::new(source),
         }),
         (Ok(()), Some(sig)) => {
             info!(upgrade = %plan.name, height = plan.height, "upgrade done; not restarting the daemon after {sig:?}");

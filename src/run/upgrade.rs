@@ -285,7 +285,10 @@ async fn download(
         .await
         .map_err(download_err)?;
     info!(upgrade = %plan.name, height = plan.height, "downloading {url}");
-    let options = fetch::FetchOptions::default();
+    let options = fetch::FetchOptions {
+        max_size: config.max_size,
+        ..fetch::FetchOptions::default()
+    };
     let client = fetch::client(&options).map_err(|e| download_err(error_chain(&e)))?;
     let fetched = fetch::fetch(
         &client,

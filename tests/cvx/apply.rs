@@ -826,7 +826,7 @@ fn concurrent_applies_take_turns_on_the_lock() {
                 None,
                 "the first apply ended early"
             );
-            fs::read_to_string(&lock).is_ok_and(|s| s == pid.to_string())
+            fs::read_to_string(&lock).is_ok_and(|s| s == format!("{pid} apply"))
         },
     );
 
