@@ -52,6 +52,14 @@ pub enum Command {
     /// Supervise the node as `cosmovisor run` does: every argument goes to the daemon.
     #[command(disable_help_flag = true)]
     Run(RunArgs),
+    /// The backups of data/ that cvx run took before each upgrade.
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
+    },
+    /// Undo an upgrade: restore the backup taken before it and point current at the stage that
+    /// ran before (the node must be stopped).
+    Rollback(RollbackArgs),
     /// Print the JSON Schema of the manifest (or of plan's JSON output).
     Schema(SchemaArgs),
     /// Write a manifest from another source of truth (the chain registry).
@@ -74,6 +82,35 @@ pub enum Command {
         /// A command's own page (cvx-plan, cvx-apply, ...) instead of cvx's.
         command: Option<String>,
     },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BackupCommand {
+    /// Each backup, the upgrade it precedes, its bytes linked and copied, when, and whether it
+    /// is intact.
+    List(HomeArgs),
+}
+
+/// Options of the commands that work on a home without a manifest.
+#[derive(Debug, Args)]
+pub struct HomeArgs {
+    /// The node's home.
+    #[arg(long, env = "DAEMON_HOME", value_name = "DIR", required = true)]
+    pub home: PathBuf,
+    /// Print one JSON document on stdout instead of the human rendering.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RollbackArgs {
+    /// The upgrade to undo, as its plan is named.
+    pub upgrade: String,
+    #[command(flatten)]
+    pub home: HomeArgs,
+    /// Show what the rollback would do, and check that it can, without doing it.
+    #[arg(long)]
+    pub check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -235,6 +272,8 @@ pub enum Error {
     Pin(#[from] crate::pin::PinError),
     #[error(transparent)]
     Drift(#[from] crate::drift::DriftError),
+    #[error(transparent)]
+    Rollback(#[from] crate::run::rollback::RollbackError),
 }
 
 impl From<crate::run::RunError> for Error {
@@ -273,6 +312,7 @@ impl Error {
             Error::Demo(_) => Some("rerun with --keep to inspect the rehearsal's files".into()),
             Error::Import(e) => e.hint(),
             Error::Pin(e) => e.hint(),
+            Error::Rollback(e) => e.hint(),
         }
     }
 }
@@ -347,6 +387,10 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Plan(args) => run_plan(args),
         Command::Apply(args) => run_apply(args),
         Command::Status(args) => run_status(args),
+        Command::Backup {
+            command: BackupCommand::List(args),
+        } => run_backup_list(args),
+        Command::Rollback(args) => run_rollback(args),
         Command::Run(args) => Ok(ExitCode::from(crate::run::main(args.args)?)),
         Command::Import { source } => run_import(source),
         Command::Pin(args) => run_pin(args),
@@ -600,6 +644,40 @@ fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
         print!("{}", render::json(&status));
     } else {
         print!("{}", render::status_human(&status, Colors::for_stdout()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cvx backup list`: see [`crate::run::rollback`].
+fn run_backup_list(args: HomeArgs) -> Result<ExitCode, Error> {
+    let backups = crate::run::rollback::list(&Layout::new(&args.home));
+    if args.json {
+        print!(
+            "{}",
+            render::json(&serde_json::json!({ "backups": backups }))
+        );
+    } else {
+        print!("{}", render::backups_human(&backups, Colors::for_stdout()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cvx rollback <upgrade> [--check]`: see [`crate::run::rollback`].
+fn run_rollback(args: RollbackArgs) -> Result<ExitCode, Error> {
+    use crate::run::rollback;
+    let home = &args.home.home;
+    let layout = Layout::new(home);
+    let recase = !env_bool("COSMOVISOR_DISABLE_RECASE")?;
+    let (record, plan) = rollback::prepare(home, &layout, &args.upgrade, recase)?;
+    let result = if args.check {
+        plan
+    } else {
+        runtime()?.block_on(rollback::execute(home, &layout, &record, plan))?
+    };
+    if args.home.json {
+        print!("{}", render::json(&result));
+    } else {
+        print!("{}", render::rollback_human(&result, Colors::for_stdout()));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -41,6 +41,113 @@ impl Colors {
     }
 }
 
+/// `cvx backup list` for a person: one line per backup, oldest first.
+pub fn backups_human(backups: &[crate::run::rollback::Listed], c: Colors) -> String {
+    let mut out = String::new();
+    if backups.is_empty() {
+        out.push_str(
+            "no backups recorded (cvx run records each backup it takes before an upgrade)\n",
+        );
+        return out;
+    }
+    for b in backups {
+        let r = &b.record;
+        let state = match b.state {
+            "ok" => c.green("ok"),
+            other => c.red(other),
+        };
+        let when = crate::time::format_go(
+            "2006-01-02 15:04:05Z07:00",
+            std::time::UNIX_EPOCH + std::time::Duration::from_nanos(r.finished_at_ns.max(0) as u64),
+        );
+        let _ = writeln!(
+            out,
+            "{state} before {} (height {}), {when}, {}\n    {}\n    {} table files linked ({}), {} files copied ({}); previous stage {}",
+            c.bold(&r.upgrade),
+            r.height,
+            r.took(),
+            r.path.display(),
+            r.files_linked,
+            bytes(r.bytes_linked),
+            r.files_copied,
+            bytes(r.bytes_copied),
+            r.from_stage,
+        );
+        if let Some(changed) = &b.changed {
+            let _ = writeln!(
+                out,
+                "    {} changed after the backup: not restorable",
+                changed.display()
+            );
+        }
+    }
+    out
+}
+
+/// `cvx rollback` for a person: what it did (or would do) and the command to restart.
+pub fn rollback_human(r: &crate::run::rollback::Rollback, c: Colors) -> String {
+    let mut out = String::new();
+    let verb = if r.done {
+        "rolled back"
+    } else {
+        "would roll back"
+    };
+    let _ = writeln!(
+        out,
+        "{} upgrade {} (height {})",
+        c.bold(verb),
+        r.upgrade,
+        r.height
+    );
+    let _ = writeln!(out, "  data/      restored from {}", r.backup.display());
+    match &r.data_kept_at {
+        Some(kept) => {
+            let _ = writeln!(
+                out,
+                "             the data/ it replaced is kept at {}",
+                kept.display()
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "             the current data/ would be kept beside it (renamed, not deleted)"
+            );
+        }
+    }
+    let _ = writeln!(out, "  current    {} -> {}", r.current_from, r.current_to);
+    let _ = writeln!(
+        out,
+        "\n{} the restored data/ still holds the plan for {}: restart the node with {} so it does not halt for it again:\n  {}\n(under systemd, add `{}` to ExecStart, then remove it once the chain has moved past height {})",
+        if r.done {
+            c.bold("next:")
+        } else {
+            c.bold("then:")
+        },
+        r.upgrade,
+        r.skip_flag,
+        r.restart,
+        r.skip_flag,
+        r.height
+    );
+    out
+}
+
+/// Bytes for people: 1.5 GiB, 12.0 MiB, 512 B.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut value = n as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
 /// One JSON document, pretty-printed, newline-terminated.
 pub fn json<T: Serialize>(value: &T) -> String {
     let mut out = serde_json::to_string_pretty(value).expect("plain data always serializes");

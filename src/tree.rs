@@ -77,6 +77,23 @@ pub fn upgrade_dir(name: &str, recase: bool) -> String {
     format!("upgrades/{out}")
 }
 
+/// The stage `current` points to (`genesis` or `upgrades/<dir>`), or `current` itself when the
+/// link leads elsewhere (then no receipt or pin applies).
+pub fn current_stage(layout: &Layout) -> String {
+    let target = std::fs::read_link(layout.current()).unwrap_or_default();
+    let target = target.to_string_lossy();
+    let target = target.trim_end_matches('/');
+    let is_stage = target == GENESIS
+        || target
+            .strip_prefix("upgrades/")
+            .is_some_and(|d| !d.is_empty() && !d.contains('/') && d != "." && d != "..");
+    if is_stage {
+        target.to_string()
+    } else {
+        "current".to_string()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FileKind {

@@ -154,6 +154,7 @@ pub struct TreeLock {
 pub enum Role {
     Apply,
     Run,
+    Rollback,
 }
 
 /// Who holds the lock.
@@ -168,6 +169,7 @@ impl std::fmt::Display for Holder {
         match self.role {
             Role::Apply => write!(f, "another cvx apply (pid {})", self.pid),
             Role::Run => write!(f, "cvx run (pid {}), upgrading the node", self.pid),
+            Role::Rollback => write!(f, "cvx rollback (pid {})", self.pid),
         }
     }
 }
@@ -220,6 +222,7 @@ pub fn lock(layout: &Layout, timeout: Duration, role: Role) -> Result<TreeLock, 
     let role = match role {
         Role::Apply => "apply",
         Role::Run => "run",
+        Role::Rollback => "rollback",
     };
     file.set_len(0).map_err(io_err("write", &path))?;
     file.rewind().map_err(io_err("write", &path))?;
@@ -235,6 +238,7 @@ fn read_holder(file: &mut File) -> Option<Holder> {
     let pid = words.next()?.parse().ok()?;
     let role = match words.next() {
         Some("run") => Role::Run,
+        Some("rollback") => Role::Rollback,
         _ => Role::Apply,
     };
     Some(Holder { pid, role })

@@ -1,7 +1,18 @@
-//! The backup of `data/` before an upgrade (DESIGN §5.2): written under a temporary name, fsync'd,
-//! renamed to `data-backup-<date>-<upgrade>`, recorded under `.cvx/backups/` so a restart during
-//! a failing upgrade does not copy again, and cancellable between chunks so a signal ends it
-//! within moments, leaving no directory that looks complete.
+//! The backup of `data/` before an upgrade (DESIGN §5.2), and its restore for `cvx rollback`.
+//!
+//! Fast: the table files of LSM databases (`*.ldb`, `*.sst` in a directory holding a `CURRENT`
+//! file: goleveldb, pebble, rocksdb) are never modified after they are written, only deleted, so
+//! they are reflinked where the file system can (XFS, btrfs) and hard-linked otherwise; everything
+//! else (WALs, `MANIFEST-*`, `CURRENT`, `LOG`, JSON state, `cs.wal/`, anything unknown) is copied.
+//! Where linking fails (another file system, permissions) the file is copied. The time then grows
+//! with the number of files and the bytes of mutable files, not with the size of the chain.
+//!
+//! Safe: written under a temporary name, fsync'd, renamed to `data-backup-<date>-<upgrade>`, and
+//! recorded under `.cvx/backups/` (once per plan). A backup never changes once complete, so every
+//! file in it must be older than its completion: a table file modified in place later, through a
+//! hard link, makes the backup *damaged*, and `cvx rollback` refuses it instead of restoring
+//! silently corrupt state. Cancellable between chunks and files, leaving no complete-looking
+//! directory behind.
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -50,24 +61,68 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Backup
 /// A finished backup, as recorded under `.cvx/backups/`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    /// The upgrade this backup precedes.
     pub upgrade: String,
     pub height: u64,
     pub path: PathBuf,
+    /// What `current` pointed to when the backup was taken: the stage a rollback returns to.
+    pub from_stage: String,
     pub bytes_copied: u64,
-    pub files: u64,
+    pub files_copied: u64,
+    /// Table files shared with `data/` (hard links) or cloned (reflinks), and their bytes.
+    pub bytes_linked: u64,
+    pub files_linked: u64,
     pub millis: u64,
-    /// Seconds since the Unix epoch when the backup completed.
-    pub finished_at: u64,
+    /// When the backup completed, in nanoseconds since the Unix epoch.
+    pub finished_at_ns: i128,
+}
+
+impl Record {
+    /// How long the backup took, for people.
+    pub fn took(&self) -> String {
+        crate::duration::show(Duration::from_millis(self.millis))
+    }
+
+    /// The first file in the backup changed since it completed (a table file modified in place
+    /// through its hard link), if any: such a backup must not be restored.
+    pub fn damage(&self) -> io::Result<Option<PathBuf>> {
+        fn walk(dir: &Path, limit: i128) -> io::Result<Option<PathBuf>> {
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    if let Some(found) = walk(&entry.path(), limit)? {
+                        return Ok(Some(found));
+                    }
+                } else if meta.is_file() && mtime_ns(&meta) > limit {
+                    return Ok(Some(entry.path()));
+                }
+            }
+            Ok(None)
+        }
+        walk(&self.path, self.finished_at_ns)
+    }
+}
+
+fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+}
+
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 /// Where the record of the backup taken before `plan` lives: one file per plan (name and height).
 fn record_path(layout: &Layout, plan: &PlanInfo, recase: bool) -> PathBuf {
     let dir = crate::tree::upgrade_dir(&plan.name, recase);
     let dir = dir.trim_start_matches("upgrades/");
-    layout
-        .cvx()
-        .join("backups")
-        .join(format!("{dir}-{}.json", plan.height))
+    records_dir(layout).join(format!("{dir}-{}.json", plan.height))
+}
+
+fn records_dir(layout: &Layout) -> PathBuf {
+    layout.cvx().join("backups")
 }
 
 /// The backup already taken for `plan`, if its record and its directory are both still there.
@@ -77,21 +132,52 @@ pub fn taken(layout: &Layout, plan: &PlanInfo, recase: bool) -> Option<Record> {
     record.path.is_dir().then_some(record)
 }
 
-/// Copy `home/data` into `backup_dir` for `plan`, refusing early when the room is short, and
-/// record it. `cancel` is checked between chunks; when it is set the partial copy is removed.
+/// Every recorded backup, by height; unreadable records are skipped with a warning.
+pub fn list(layout: &Layout) -> Vec<Record> {
+    let Ok(entries) = fs::read_dir(records_dir(layout)) else {
+        return Vec::new();
+    };
+    let mut records: Vec<Record> = entries
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| {
+            match fs::read(e.path())
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(record) => Some(record),
+                Err(why) => {
+                    tracing::warn!("ignoring backup record {}: {why}", e.path().display());
+                    None
+                }
+            }
+        })
+        .collect();
+    records.sort_by_key(|r: &Record| (r.height, r.finished_at_ns));
+    records
+}
+
+/// Back up `home/data` into `backup_dir` for `plan` (taken while `current` is `from_stage`),
+/// refusing early when the room for the copied bytes is short, and record it. `cancel` is checked
+/// between chunks; when it is set the partial copy is removed.
 pub fn backup(
     home: &Path,
     backup_dir: &Path,
     layout: &Layout,
     plan: &PlanInfo,
+    from_stage: &str,
     recase: bool,
     cancel: &AtomicBool,
 ) -> Result<Record, BackupError> {
     let started = Instant::now();
     let data = home.join("data");
     fs::create_dir_all(backup_dir).map_err(io_err("create", backup_dir))?;
-    remove_partials(backup_dir);
-    let need = tree_size(&data).map_err(io_err("measure", &data))?;
+    remove_partials(backup_dir, PARTIAL_PREFIX);
+    let same_device = match (fs::metadata(&data), fs::metadata(backup_dir)) {
+        (Ok(d), Ok(b)) => d.dev() == b.dev(),
+        _ => false,
+    };
+    let need = bytes_to_copy(&data, same_device).map_err(io_err("measure", &data))?;
     let stat = rustix::fs::statvfs(backup_dir)
         .map_err(|e| io_err("measure free space of", backup_dir)(e.into()))?;
     let free = stat.f_bavail.saturating_mul(stat.f_frsize);
@@ -113,19 +199,8 @@ pub fn backup(
         to = backup_dir.join(format!("data-backup-{date}-{dir}-{}", plan.height));
     }
     let partial = backup_dir.join(format!("{PARTIAL_PREFIX}{dir}-{}", std::process::id()));
-    let mut copier = Copier {
-        cancel,
-        bytes: 0,
-        files: 0,
-    };
-    let copied = copier.copy_tree(&data, &partial).and_then(|()| {
-        sync_dir(backup_dir)?;
-        fs::rename(&partial, &to)?;
-        sync_dir(backup_dir)
-    });
-    if let Err(e) = copied {
-        // Nothing that looks like a backup is left behind: only complete copies carry the name.
-        let _ = fs::remove_dir_all(&partial);
+    let mut copier = Copier::new(cancel, same_device);
+    if let Err(e) = copier.replicate(&data, &partial, &to, backup_dir) {
         return Err(if cancel.load(Ordering::Relaxed) {
             BackupError::Interrupted { to }
         } else {
@@ -140,33 +215,66 @@ pub fn backup(
         upgrade: plan.name.clone(),
         height: plan.height,
         path: to,
-        bytes_copied: copier.bytes,
-        files: copier.files,
+        from_stage: from_stage.to_string(),
+        bytes_copied: copier.bytes_copied,
+        files_copied: copier.files_copied,
+        bytes_linked: copier.bytes_linked,
+        files_linked: copier.files_linked,
         millis: started.elapsed().as_millis() as u64,
-        finished_at: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        finished_at_ns: now_ns(),
     };
     write_record(&record_path(layout, plan, recase), &record)?;
     Ok(record)
 }
 
-/// Temp names of backups in progress; a complete backup never carries this prefix.
-const PARTIAL_PREFIX: &str = ".data-backup-partial-";
+/// Restore `record`'s backup as `home/data`, by the same rules (tables linked, the rest copied,
+/// so the backup stays as it was for another restore). The current `data/` is renamed to
+/// `data-rolled-back-<date>-<upgrade>` beside it, never deleted. Returns where it went.
+pub fn restore(home: &Path, record: &Record) -> Result<PathBuf, BackupError> {
+    let data = home.join("data");
+    remove_partials(home, RESTORE_PREFIX);
+    let partial = home.join(format!("{RESTORE_PREFIX}{}", std::process::id()));
+    let same_device = match (fs::metadata(home), fs::metadata(&record.path)) {
+        (Ok(h), Ok(b)) => h.dev() == b.dev(),
+        _ => false,
+    };
+    let never = AtomicBool::new(false);
+    let mut copier = Copier::new(&never, same_device);
+    // Build the restored tree completely before touching data/.
+    copier
+        .copy_tree(&record.path, &partial, true)
+        .and_then(|()| sync_dir(home))
+        .map_err(|e| {
+            let _ = fs::remove_dir_all(&partial);
+            io_err("restore the backup into", &partial)(e)
+        })?;
+    let date = crate::time::format_go("2006-01-02T15-04-05", SystemTime::now());
+    let dir = crate::tree::upgrade_dir(&record.upgrade, true);
+    let aside = home.join(format!(
+        "data-rolled-back-{date}-{}",
+        dir.trim_start_matches("upgrades/")
+    ));
+    if data.exists() {
+        fs::rename(&data, &aside).map_err(io_err("move aside", &data))?;
+    }
+    fs::rename(&partial, &data).map_err(io_err("put the restored data in place at", &data))?;
+    sync_dir(home).map_err(io_err("sync", home))?;
+    Ok(aside)
+}
 
-/// Remove the leftovers of backups a crash (kill -9, power loss) cut short.
-fn remove_partials(backup_dir: &Path) {
-    let Ok(entries) = fs::read_dir(backup_dir) else {
+/// Temp names of backups and restores in progress; a complete one never carries them.
+const PARTIAL_PREFIX: &str = ".data-backup-partial-";
+const RESTORE_PREFIX: &str = ".data-restore-partial-";
+
+/// Remove the leftovers of backups or restores a crash (kill -9, power loss) cut short.
+fn remove_partials(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     for entry in entries.flatten() {
-        if entry
-            .file_name()
-            .to_string_lossy()
-            .starts_with(PARTIAL_PREFIX)
-        {
+        if entry.file_name().to_string_lossy().starts_with(prefix) {
             tracing::info!(
-                "removing {}, left by an interrupted backup",
+                "removing {}, left by an interrupted run",
                 entry.path().display()
             );
             let _ = fs::remove_dir_all(entry.path());
@@ -185,7 +293,21 @@ fn write_record(path: &Path, record: &Record) -> Result<(), BackupError> {
     Ok(())
 }
 
-fn tree_size(path: &Path) -> io::Result<u64> {
+/// A table file of an LSM database: never modified after it is written (the rule that makes
+/// linking safe). Only in a directory that holds the database's `CURRENT` file.
+fn is_table(name: &std::ffi::OsStr, in_database: bool) -> bool {
+    in_database
+        && Path::new(name)
+            .extension()
+            .is_some_and(|x| x == "ldb" || x == "sst")
+}
+
+fn is_database(dir: &Path) -> bool {
+    dir.join("CURRENT").is_file()
+}
+
+/// The bytes a backup of `path` will copy: everything but the table files it can link.
+fn bytes_to_copy(path: &Path, same_device: bool) -> io::Result<u64> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
         // A node that never wrote data/ has nothing to back up.
@@ -193,11 +315,15 @@ fn tree_size(path: &Path) -> io::Result<u64> {
         Err(e) => return Err(e),
     };
     if !meta.is_dir() {
-        return Ok(meta.len());
+        return Ok(if meta.is_file() { meta.len() } else { 0 });
     }
+    let in_database = same_device && is_database(path);
     let mut total = 0;
     for entry in fs::read_dir(path)? {
-        total += tree_size(&entry?.path())?;
+        let entry = entry?;
+        if !is_table(&entry.file_name(), in_database) {
+            total += bytes_to_copy(&entry.path(), same_device)?;
+        }
     }
     Ok(total)
 }
@@ -206,13 +332,39 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-struct Copier<'a> {
-    cancel: &'a AtomicBool,
-    bytes: u64,
-    files: u64,
+/// How table files can be shared with the source, learnt on the first try and kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sharing {
+    Reflink,
+    HardLink,
+    Copy,
 }
 
-impl Copier<'_> {
+struct Copier<'a> {
+    cancel: &'a AtomicBool,
+    sharing: Sharing,
+    bytes_copied: u64,
+    files_copied: u64,
+    bytes_linked: u64,
+    files_linked: u64,
+}
+
+impl<'a> Copier<'a> {
+    fn new(cancel: &'a AtomicBool, same_device: bool) -> Self {
+        Copier {
+            cancel,
+            sharing: if same_device {
+                Sharing::Reflink
+            } else {
+                Sharing::Copy
+            },
+            bytes_copied: 0,
+            files_copied: 0,
+            bytes_linked: 0,
+            files_linked: 0,
+        }
+    }
+
     fn check(&self) -> io::Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
             Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"))
@@ -221,33 +373,96 @@ impl Copier<'_> {
         }
     }
 
-    fn copy_tree(&mut self, from: &Path, to: &Path) -> io::Result<()> {
-        self.check()?;
-        let meta = match fs::symlink_metadata(from) {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return fs::DirBuilder::new().mode(0o700).create(to);
+    /// `from` copied to `partial`, then renamed to `to` inside `parent`; on failure nothing is
+    /// left under either name.
+    fn replicate(
+        &mut self,
+        from: &Path,
+        partial: &Path,
+        to: &Path,
+        parent: &Path,
+    ) -> io::Result<()> {
+        let result = (|| {
+            match fs::symlink_metadata(from) {
+                Ok(_) => self.copy_tree(from, partial, true)?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    fs::DirBuilder::new().mode(0o700).create(partial)?;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        };
+            sync_dir(parent)?;
+            fs::rename(partial, to)?;
+            sync_dir(parent)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(partial);
+        }
+        result
+    }
+
+    fn copy_tree(&mut self, from: &Path, to: &Path, in_database: bool) -> io::Result<()> {
+        self.check()?;
+        let meta = fs::symlink_metadata(from)?;
         let file_type = meta.file_type();
         if file_type.is_dir() {
             fs::DirBuilder::new().mode(0o700).create(to)?;
+            let database = is_database(from);
             for entry in fs::read_dir(from)? {
                 let entry = entry?;
-                self.copy_tree(&entry.path(), &to.join(entry.file_name()))?;
+                self.copy_tree(&entry.path(), &to.join(entry.file_name()), database)?;
             }
             fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
             sync_dir(to)
         } else if file_type.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(from)?, to)
         } else if file_type.is_file() {
+            let name = from.file_name().unwrap_or_default();
+            if is_table(name, in_database) && self.share(from, to, &meta)? {
+                self.bytes_linked += meta.len();
+                self.files_linked += 1;
+                return Ok(());
+            }
             self.copy_file(from, to, &meta)
         } else {
             // Sockets and fifos carry no data to restore; the node recreates them.
             tracing::debug!("not backing up {}: not a regular file", from.display());
             Ok(())
         }
+    }
+
+    /// Share a table file: reflink, else hard link; false when neither works here (then it is
+    /// copied, and the next tables are copied without trying again).
+    fn share(&mut self, from: &Path, to: &Path, meta: &fs::Metadata) -> io::Result<bool> {
+        if self.sharing == Sharing::Reflink {
+            let source = File::open(from)?;
+            let out = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(meta.mode() & 0o7777)
+                .open(to)?;
+            match rustix::fs::ioctl_ficlone(&out, &source) {
+                Ok(()) => return Ok(true),
+                Err(_) => {
+                    // Not on this file system (ext4, tmpfs) or not across these two files.
+                    drop(out);
+                    fs::remove_file(to)?;
+                    self.sharing = Sharing::HardLink;
+                }
+            }
+        }
+        if self.sharing == Sharing::HardLink {
+            match fs::hard_link(from, to) {
+                Ok(()) => return Ok(true),
+                Err(e) => {
+                    tracing::debug!(
+                        "cannot hard-link {} ({e}); copying table files instead",
+                        from.display()
+                    );
+                    self.sharing = Sharing::Copy;
+                }
+            }
+        }
+        Ok(false)
     }
 
     fn copy_file(&mut self, from: &Path, to: &Path, meta: &fs::Metadata) -> io::Result<()> {
@@ -261,21 +476,16 @@ impl Copier<'_> {
             self.check()?;
             // std copies File to File in the kernel (copy_file_range), chunk by chunk.
             let n = io::copy(&mut (&mut source).take(CHUNK), &mut out)?;
-            self.bytes += n;
+            self.bytes_copied += n;
             if n < CHUNK {
                 break;
             }
         }
         out.flush()?;
         out.sync_all()?;
-        self.files += 1;
+        self.files_copied += 1;
         Ok(())
     }
-}
-
-/// How long a backup took, for the log.
-pub fn took(record: &Record) -> String {
-    crate::duration::show(Duration::from_millis(record.millis))
 }
 
 #[cfg(test)]
@@ -290,25 +500,62 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_backup_is_recorded_once_per_plan_and_a_cancelled_one_leaves_nothing() {
+    /// A home whose data/ holds an LSM database (two tables, a WAL, CURRENT, MANIFEST), a table
+    /// name outside any database, and a symlink.
+    fn home() -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let home = dir.path().join("home");
-        fs::create_dir_all(home.join("data/db")).unwrap();
-        fs::write(home.join("data/db/000001.log"), vec![1u8; 100_000]).unwrap();
-        std::os::unix::fs::symlink("db/000001.log", home.join("data/link")).unwrap();
+        let db = home.join("data/application.db");
+        fs::create_dir_all(&db).unwrap();
+        fs::write(db.join("CURRENT"), "MANIFEST-000004\n").unwrap();
+        fs::write(db.join("MANIFEST-000004"), vec![4u8; 1000]).unwrap();
+        fs::write(db.join("000005.ldb"), vec![5u8; 300_000]).unwrap();
+        fs::write(db.join("000006.sst"), vec![6u8; 200_000]).unwrap();
+        fs::write(db.join("000007.log"), vec![7u8; 100_000]).unwrap();
+        fs::write(home.join("data/loose.sst"), vec![8u8; 10]).unwrap();
+        std::os::unix::fs::symlink("application.db/CURRENT", home.join("data/link")).unwrap();
+        (dir, home)
+    }
+
+    #[test]
+    fn tables_are_shared_the_rest_copied_and_a_cancelled_backup_leaves_nothing() {
+        let (dir, home) = home();
         let layout = Layout::new(&home);
         let backups = dir.path().join("backups");
 
         let stop = AtomicBool::new(true);
-        let err = backup(&home, &backups, &layout, &plan("v2", 7), true, &stop).unwrap_err();
+        let err = backup(
+            &home,
+            &backups,
+            &layout,
+            &plan("v2", 7),
+            "genesis",
+            true,
+            &stop,
+        )
+        .unwrap_err();
         assert!(matches!(err, BackupError::Interrupted { .. }), "{err}");
         assert_eq!(fs::read_dir(&backups).unwrap().count(), 0);
         assert!(taken(&layout, &plan("v2", 7), true).is_none());
 
         let go = AtomicBool::new(false);
-        let record = backup(&home, &backups, &layout, &plan("V2", 7), true, &go).unwrap();
-        assert_eq!((record.bytes_copied, record.files), (100_000, 1));
+        let record = backup(
+            &home,
+            &backups,
+            &layout,
+            &plan("V2", 7),
+            "genesis",
+            true,
+            &go,
+        )
+        .unwrap();
+        assert_eq!((record.files_linked, record.bytes_linked), (2, 500_000));
+        assert_eq!(
+            (record.files_copied, record.bytes_copied),
+            (4, 16 + 1000 + 100_000 + 10),
+            "CURRENT, MANIFEST, the WAL, and a table name outside a database"
+        );
+        assert_eq!(record.from_stage, "genesis");
         assert!(
             record
                 .path
@@ -318,22 +565,107 @@ mod tests {
                 .ends_with("-v2")
         );
         assert_eq!(
-            fs::read(record.path.join("db/000001.log")).unwrap().len(),
-            100_000
-        );
-        assert_eq!(
             fs::read_link(record.path.join("link")).unwrap(),
-            Path::new("db/000001.log")
+            Path::new("application.db/CURRENT")
         );
+        assert_eq!(record.damage().unwrap(), None);
         assert_eq!(taken(&layout, &plan("v2", 7), true), Some(record.clone()));
         assert!(
             taken(&layout, &plan("v2", 8), true).is_none(),
             "another height is another plan"
         );
+        assert_eq!(list(&layout), vec![record.clone()]);
+
+        // The database moves on as databases do: the backup does not.
+        let db = home.join("data/application.db");
+        fs::OpenOptions::new()
+            .append(true)
+            .open(db.join("000007.log"))
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        fs::write(db.join("CURRENT"), "MANIFEST-000009\n").unwrap();
+        fs::remove_file(db.join("000005.ldb")).unwrap();
+        let backed = record.path.join("application.db");
+        assert_eq!(
+            fs::read(backed.join("000007.log")).unwrap(),
+            vec![7u8; 100_000]
+        );
+        assert_eq!(
+            fs::read(backed.join("CURRENT")).unwrap(),
+            b"MANIFEST-000004\n"
+        );
+        assert_eq!(
+            fs::read(backed.join("000005.ldb")).unwrap(),
+            vec![5u8; 300_000]
+        );
+        assert_eq!(record.damage().unwrap(), None);
+
+        // A table modified in place: through a hard link the backup changed, and says so.
+        let shared = fs::metadata(backed.join("000006.sst")).unwrap().nlink() > 1;
+        fs::OpenOptions::new()
+            .append(true)
+            .open(db.join("000006.sst"))
+            .unwrap()
+            .write_all(b"!")
+            .unwrap();
+        let damage = record.damage().unwrap();
+        if shared {
+            assert_eq!(damage, Some(backed.join("000006.sst")));
+        } else {
+            assert_eq!(damage, None, "a reflinked or copied table is independent");
+        }
+
         fs::remove_dir_all(&record.path).unwrap();
         assert!(
             taken(&layout, &plan("v2", 7), true).is_none(),
             "a record whose directory is gone is no backup"
         );
+    }
+
+    #[test]
+    fn a_restore_keeps_the_current_data_and_leaves_the_backup_usable() {
+        let (dir, home) = home();
+        let layout = Layout::new(&home);
+        let go = AtomicBool::new(false);
+        let record = backup(
+            &home,
+            &dir.path().join("backups"),
+            &layout,
+            &plan("v2", 7),
+            "genesis",
+            true,
+            &go,
+        )
+        .unwrap();
+        fs::write(
+            home.join("data/application.db/CURRENT"),
+            "MANIFEST-000009\n",
+        )
+        .unwrap();
+        fs::write(home.join("data/migrated"), "v2").unwrap();
+
+        let aside = restore(&home, &record).unwrap();
+
+        assert_eq!(fs::read(aside.join("migrated")).unwrap(), b"v2");
+        assert!(!home.join("data/migrated").exists());
+        assert_eq!(
+            fs::read(home.join("data/application.db/CURRENT")).unwrap(),
+            b"MANIFEST-000004\n"
+        );
+        // The restored WAL is a copy: the node appending to it leaves the backup as it was.
+        fs::OpenOptions::new()
+            .append(true)
+            .open(home.join("data/application.db/000007.log"))
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        assert_eq!(
+            fs::read(record.path.join("application.db/000007.log"))
+                .unwrap()
+                .len(),
+            100_000
+        );
+        assert_eq!(record.damage().unwrap(), None);
     }
 }

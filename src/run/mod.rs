@@ -11,6 +11,7 @@ pub mod binary;
 pub mod child;
 pub mod config;
 pub mod logs;
+pub mod rollback;
 pub mod upgrade;
 pub mod watch;
 
@@ -48,8 +49,63 @@ pub enum RunError {
     },
     #[error("cannot point current to genesis")]
     Genesis(#[source] UpgradeError),
+    #[error("cvx run (pid {pid}) already supervises {}; one supervisor per home", home.display())]
+    AlreadySupervised { pid: u32, home: PathBuf },
+    #[error(transparent)]
+    SupervisorLock(backup::BackupError),
     #[error("cannot set up the supervisor")]
     Setup(#[source] std::io::Error),
+}
+
+/// Held by `cvx run start` for its whole life (and by `cvx rollback` while it works): one
+/// supervisor per home. The kernel releases it when the process dies, however it dies.
+pub struct SupervisorLock {
+    _file: std::fs::File,
+}
+
+/// Why the supervisor lock could not be taken.
+pub enum Holder {
+    /// Another process holds it.
+    Pid(u32),
+    Io(backup::BackupError),
+}
+
+impl SupervisorLock {
+    pub fn take(layout: &Layout) -> Result<SupervisorLock, Holder> {
+        use std::io::{Read, Seek, Write};
+        let path = layout.cvx().join("supervisor.lock");
+        let io = |action: &'static str, path: &std::path::Path| {
+            let path = path.to_path_buf();
+            move |source| {
+                Holder::Io(backup::BackupError::Io {
+                    action,
+                    path,
+                    source,
+                })
+            }
+        };
+        std::fs::create_dir_all(layout.cvx()).map_err(io("create", &layout.cvx()))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                return Err(Holder::Pid(text.trim().parse().unwrap_or(0)));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", &path)(e)),
+        }
+        file.set_len(0).map_err(io("write", &path))?;
+        file.rewind().map_err(io("write", &path))?;
+        write!(file, "{}", std::process::id()).map_err(io("write", &path))?;
+        Ok(SupervisorLock { _file: file })
+    }
 }
 
 impl RunError {
@@ -128,27 +184,10 @@ pub fn main(args: Vec<OsString>) -> Result<u8, RunError> {
     runtime.block_on(supervise(&config, &layout, &args))
 }
 
-/// The stage `current` points to (`genesis` or `upgrades/<dir>`), or `current` itself when the
-/// link leads elsewhere (then no receipt or pin applies).
-fn current_stage(layout: &Layout) -> String {
-    let target = std::fs::read_link(layout.current()).unwrap_or_default();
-    let target = target.to_string_lossy();
-    let target = target.trim_end_matches('/');
-    let is_stage = target == tree::GENESIS
-        || target
-            .strip_prefix("upgrades/")
-            .is_some_and(|d| !d.is_empty() && !d.contains('/') && d != "." && d != "..");
-    if is_stage {
-        target.to_string()
-    } else {
-        "current".to_string()
-    }
-}
-
 /// Verify `current`'s binary against its receipt and the manifest's pin.
 fn verified_current(config: &Config, layout: &Layout) -> Result<PathBuf, RunError> {
     let pins = Pins::load(config.manifest.as_deref(), config.recase)?;
-    let stage = current_stage(layout);
+    let stage = tree::current_stage(layout);
     Ok(binary::verify(layout, &config.name, &stage, pins.as_ref())?)
 }
 
@@ -250,6 +289,13 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
     let terminal = std::io::stdin().is_terminal();
     // A manifest that cannot be read cannot verify anything: say so now, not at the height.
     Pins::load(config.manifest.as_deref(), config.recase)?;
+    let _supervisor = SupervisorLock::take(layout).map_err(|holder| match holder {
+        Holder::Pid(pid) => RunError::AlreadySupervised {
+            pid,
+            home: config.home.clone(),
+        },
+        Holder::Io(e) => RunError::SupervisorLock(e),
+    })?;
     // As Cosmovisor does: a tree with no `current` link yet (a fresh install) starts at genesis.
     if let Err(e) = std::fs::symlink_metadata(layout.current())
         && e.kind() == std::io::ErrorKind::NotFound

@@ -195,6 +195,7 @@ pub async fn perform(
         info!(upgrade = %name, height, "data was already backed up for this upgrade to {}; not copying again", record.path.display());
     } else {
         info!(upgrade = %name, height, "backing up data to {}", config.backup_dir.display());
+        let from_stage = tree::current_stage(layout);
         let (home, backup_dir, layout2, plan2, recase, flag) = (
             config.home.clone(),
             config.backup_dir.clone(),
@@ -204,7 +205,15 @@ pub async fn perform(
             cancel.flag.clone(),
         );
         let record = tokio::task::spawn_blocking(move || {
-            backup::backup(&home, &backup_dir, &layout2, &plan2, recase, &flag)
+            backup::backup(
+                &home,
+                &backup_dir,
+                &layout2,
+                &plan2,
+                &from_stage,
+                recase,
+                &flag,
+            )
         })
         .await
         .expect("backup does not panic")
@@ -217,10 +226,12 @@ pub async fn perform(
         info!(
             upgrade = %name,
             height,
-            "backed up data to {} in {} ({} files, {} bytes copied)",
+            "backed up data to {} in {}: {} table files linked ({} bytes), {} files copied ({} bytes)",
             record.path.display(),
-            backup::took(&record),
-            record.files,
+            record.took(),
+            record.files_linked,
+            record.bytes_linked,
+            record.files_copied,
             record.bytes_copied
         );
     }

@@ -6,14 +6,15 @@
 //! runs with the test's home in its command line, so a failed assertion leaves no node behind.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::io::Write as _;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rustix::process::{Pid, Signal};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::ctx::{Ctx, platform, sha256};
 use crate::support::server::{Fault, Server};
@@ -111,7 +112,6 @@ fn files_under(dir: &Path) -> Vec<String> {
 }
 
 fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    use std::io::Write;
     use zip::write::SimpleFileOptions;
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let opts = SimpleFileOptions::default()
@@ -1485,7 +1485,6 @@ fn an_interactive_command_on_a_terminal_reads_its_input() {
         .stderr(fs::File::create(ctx.path("pty.err")).unwrap())
         .spawn()
         .expect("run script(1), from util-linux");
-    use std::io::Write;
     child
         .stdin
         .take()
@@ -1801,4 +1800,265 @@ fn an_invalid_upgrade_info_is_logged_once_per_content() {
         "genesis",
         "a plan named .. is never performed"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backups that link table files, and rollback
+
+/// An LSM-shaped database in data/ as goleveldb leaves it, plus the validator's state and the
+/// consensus WAL.
+fn lsm_data(ctx: &Ctx) {
+    let data = ctx.home.join("data");
+    let db = data.join("application.db");
+    fs::create_dir_all(&db).unwrap();
+    fs::create_dir_all(data.join("cs.wal")).unwrap();
+    fs::write(db.join("CURRENT"), "MANIFEST-000004\n").unwrap();
+    fs::write(db.join("MANIFEST-000004"), vec![4u8; 4096]).unwrap();
+    fs::write(db.join("000005.ldb"), vec![5u8; 2 << 20]).unwrap();
+    fs::write(db.join("000006.ldb"), vec![6u8; 2 << 20]).unwrap();
+    fs::write(db.join("000007.log"), vec![7u8; 64 << 10]).unwrap();
+    fs::write(db.join("LOG"), "opened\n").unwrap();
+    fs::write(data.join("cs.wal/wal"), vec![9u8; 8192]).unwrap();
+    fs::write(
+        data.join("priv_validator_state.json"),
+        r#"{"height":"2","round":0,"step":3}"#,
+    )
+    .unwrap();
+}
+
+/// Every file under `dir` with its bytes (symlinks as their target), for byte-for-byte equality.
+fn contents(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    files_under(dir)
+        .into_iter()
+        .map(|rel| {
+            let path = dir.join(&rel);
+            let bytes = match fs::read_link(&path) {
+                Ok(target) => target.into_os_string().into_encoded_bytes(),
+                Err(_) => fs::read(&path).unwrap(),
+            };
+            (rel, bytes)
+        })
+        .collect()
+}
+
+fn cvx_json(ctx: &Ctx, args: &[&str], code: i32) -> Value {
+    let out = Command::new(CVX)
+        .current_dir(ctx.dir.path())
+        .env("NO_COLOR", "1")
+        .args(args)
+        .arg("--json")
+        .arg("--home")
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_backup_links_tables_and_stays_equal_to_data_at_the_halt_while_the_new_binary_writes() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    lsm_data(&ctx);
+    genesis(&ctx, "--sim-upgrade v2@3");
+    // The new binary writes as a database does: appends to the WAL, rewrites CURRENT, MANIFEST
+    // and the validator state in place (same inode), deletes a table.
+    let d = "$DAEMON_HOME/data";
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &script(
+            &format!(
+                "printf more >> {d}/application.db/000007.log\n\
+                 printf 'MANIFEST-000009\\n' > {d}/application.db/CURRENT\n\
+                 printf XXXX | dd of={d}/application.db/MANIFEST-000004 conv=notrunc 2>/dev/null\n\
+                 printf '{{\"height\":\"4\"}}' > {d}/priv_validator_state.json\n\
+                 rm -f {d}/application.db/000005.ldb\n"
+            ),
+            "--sim-handlers v2 --sim-exit-at 5 0",
+        ),
+    );
+    // Runs after the backup, before the switch: data/ exactly as it was at the halt.
+    let snapshot = ctx.path("snapshot");
+    let hook = ctx.stage(
+        "snapshot.sh",
+        format!("#!/bin/sh\ncp -a data '{}'\n", snapshot.display()).as_bytes(),
+    );
+    executable(&hook);
+    let backups = ctx.path("backups");
+    let env = with_backups(
+        backups.to_str().unwrap(),
+        &[("COSMOVISOR_CUSTOM_PREUPGRADE", "snapshot.sh")],
+    );
+
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 0);
+
+    assert_eq!(applied(&ctx), ["v2"]);
+    assert!(
+        logged(&stderr, "v2", 3, "2 table files linked (4194304 bytes)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        read(&ctx.home.join("data/application.db/CURRENT")),
+        "MANIFEST-000009\n",
+        "the new binary did write"
+    );
+    let taken = entries(&backups);
+    assert_eq!(taken.len(), 1, "{taken:?}");
+    let backup = backups.join(&taken[0]);
+    assert_eq!(contents(&backup), contents(&snapshot));
+
+    let list = cvx_json(&ctx, &["backup", "list"], 0);
+    let b = &list["backups"][0];
+    assert_eq!(
+        (&b["upgrade"], &b["height"], &b["state"], &b["files_linked"]),
+        (&json!("v2"), &json!(3), &json!("ok"), &json!(2)),
+        "{list}"
+    );
+    assert_eq!(b["from_stage"], "genesis");
+}
+
+#[test]
+fn a_table_modified_in_place_after_the_backup_makes_it_damaged_and_unrestorable() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    lsm_data(&ctx);
+    genesis(&ctx, "--sim-upgrade v2@3");
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-handlers v2 --sim-exit-at 5 0"),
+    );
+    let backups = ctx.path("backups");
+    run_cvx(&ctx, &with_backups(backups.to_str().unwrap(), &[]), &[], 0);
+    let table = ctx.home.join("data/application.db/000006.ldb");
+    assert_eq!(
+        fs::metadata(&table).unwrap().nlink(),
+        2,
+        "this test needs the backup to hard-link tables (a file system without reflinks)"
+    );
+
+    // Not what these databases do, but possible: a table rewritten in place.
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&table)
+        .unwrap()
+        .write_all(b"!")
+        .unwrap();
+
+    let list = cvx_json(&ctx, &["backup", "list"], 0);
+    assert_eq!(list["backups"][0]["state"], "damaged", "{list}");
+    let out = Command::new(CVX)
+        .env("NO_COLOR", "1")
+        .args(["rollback", "v2", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is damaged") && stderr.contains("000006.ldb"),
+        "{stderr}"
+    );
+    assert_eq!(current(&ctx), "upgrades/v2", "nothing was touched");
+}
+
+#[test]
+fn rollback_undoes_an_upgrade_and_the_old_binary_runs_again_from_the_pre_upgrade_state() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    lsm_data(&ctx);
+    genesis(
+        &ctx,
+        "--sim-version v1.0.0 --sim-upgrade v2@3 --sim-exit-at 6 0",
+    );
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-version v2.0.0 --sim-handlers v2 --sim-exit-at 5 0"),
+    );
+    let backups = ctx.path("backups");
+    let env = with_backups(backups.to_str().unwrap(), &[]);
+    run_cvx(&ctx, &env, &[], 0);
+    assert_eq!(applied(&ctx), ["v2"], "state migrated by v2");
+    assert_eq!(height(&ctx), Some(5));
+
+    // While cvx run supervises the home (v2 now running on), a rollback and a second supervisor
+    // are refused.
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-version v2.0.0 --sim-handlers v2"),
+    );
+    let mut held = spawn(&ctx, command(&ctx, &[], &[]));
+    wait_for("the supervisor to start the node", LIMIT, || {
+        held.stderr().contains("started ")
+    });
+    let out = Command::new(CVX)
+        .env("NO_COLOR", "1")
+        .args(["rollback", "v2", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cvx run (pid {}) supervises", held.pid())),
+        "{stderr}"
+    );
+    let (_, second) = run_cvx(&ctx, &env, &[], 1);
+    assert!(
+        second.contains(&format!("cvx run (pid {}) already supervises", held.pid())),
+        "{second}"
+    );
+    send(held.pid(), Signal::TERM);
+    held.exit();
+
+    let check = cvx_json(&ctx, &["rollback", "v2", "--check"], 0);
+    assert_eq!(
+        (&check["done"], &check["current_from"], &check["current_to"]),
+        (&json!(false), &json!("upgrades/v2"), &json!("genesis")),
+        "{check}"
+    );
+    assert_eq!(current(&ctx), "upgrades/v2", "--check changes nothing");
+
+    let out = Command::new(CVX)
+        .env("NO_COLOR", "1")
+        .args(["rollback", "v2", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restart = format!(
+        "cvx run start --home {} --unsafe-skip-upgrades 3",
+        ctx.home.display()
+    );
+    assert!(stdout.contains(&restart), "{stdout}");
+    assert_eq!(current(&ctx), "genesis");
+    assert_eq!(applied(&ctx), Vec::<String>::new(), "the pre-upgrade state");
+    let kept: Vec<String> = entries(&ctx.home)
+        .into_iter()
+        .filter(|e| e.starts_with("data-rolled-back-"))
+        .collect();
+    assert_eq!(kept.len(), 1, "{:?}", entries(&ctx.home));
+    assert_eq!(read(&ctx.home.join(&kept[0]).join("applied")).trim(), "v2");
+
+    // The printed command: v1 skips the upgrade it halted for and goes on from height 3.
+    let (stdout, stderr) = run_cvx(&ctx, &env, &["--unsafe-skip-upgrades", "3"], 0);
+    assert!(stdout.contains("version=v1.0.0"), "{stdout}");
+    assert!(stderr.contains("skipping the upgrade"), "{stderr}");
+    assert_eq!(current(&ctx), "genesis");
+    assert_eq!(applied(&ctx), Vec::<String>::new());
+    assert_eq!(height(&ctx), Some(6));
 }
