@@ -37,14 +37,13 @@
 //! the goals are met is printed, not turned into an exit code.
 
 use std::fs;
-use std::io::Write as _;
 use std::mem::MaybeUninit;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rustix::fs::inotify;
 use rustix::process::{Pid, Signal};
@@ -70,7 +69,10 @@ const RSS_GOAL_KIB: u64 = 8 * 1024;
 const BINARY_MIB: u64 = 100;
 const CALIBRATION_RUNS: usize = 21;
 
-type Result<T> = std::result::Result<T, String>;
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Result, cpu_model, load_average, now_ns, percentile, read_stamps, write_executable};
 
 fn main() -> ExitCode {
     match run() {
@@ -264,37 +266,12 @@ fn scenarios() -> Result<Vec<Scenario>> {
         .collect()
 }
 
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into())
-}
-
 fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "NOT MET" }
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn now_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128)
-}
-
-fn cpu_model() -> String {
-    fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,23 +296,6 @@ fn wrapper(stamps: &Path, n: u32, rpc: bool) -> String {
         "#!/bin/sh\nif [ \"$1\" = start ]; then date +%s%N >> '{}/v{n}'; fi\nexec '{SIMNODE}' {sim} \"$@\"\n",
         stamps.display()
     )
-}
-
-/// `text` as an executable file; `size` extends it with a sparse tail (the shell never reads
-/// past the `exec`), so it hashes like a binary of that size.
-fn write_executable(path: &Path, text: &str, size: Option<u64>) -> Result<()> {
-    let dir = path.parent().expect("a file in a directory");
-    fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let mut file =
-        fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    if let Some(size) = size {
-        file.set_len(size)
-            .map_err(|e| format!("cannot extend {}: {e}", path.display()))?;
-    }
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
-        .map_err(|e| format!("cannot chmod {}: {e}", path.display()))
 }
 
 /// A receipt as `cvx apply` writes it, so `cvx run` hashes the binary before switching to it.
@@ -411,18 +371,6 @@ fn pre_upgrade_cost() -> Result<Duration> {
         }
     }
     Ok(Duration::from_nanos(percentile(&times, 50.0) as u64))
-}
-
-fn read_stamps(path: &Path) -> Result<Vec<i128>> {
-    let text =
-        fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    text.lines()
-        .map(|l| {
-            l.trim()
-                .parse::<i128>()
-                .map_err(|_| format!("{}: not a `date +%s%N` stamp: {l:?}", path.display()))
-        })
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -752,14 +700,6 @@ fn children(pid: u32) -> Vec<u32> {
 /// `exec - t0` for every sample, in nanoseconds, t0 chosen by `from`.
 fn latencies(samples: &[Sample], from: impl Fn(&Sample) -> i128) -> Vec<f64> {
     samples.iter().map(|s| (s.exec - from(s)) as f64).collect()
-}
-
-/// Nearest-rank percentile.
-fn percentile(values: &[f64], p: f64) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
 }
 
 fn report(outcome: &Outcome) {
