@@ -3,6 +3,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod annotations;
 mod ansible;
 mod apply;
 mod ctx;
