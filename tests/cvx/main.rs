@@ -11,6 +11,7 @@ mod demo;
 mod drift;
 mod examples;
 mod import;
+mod import_quirks;
 mod manifest;
 mod plan;
 mod run;
