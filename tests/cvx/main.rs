@@ -6,6 +6,7 @@ mod support;
 mod annotations;
 mod ansible;
 mod apply;
+mod ci;
 mod ctx;
 mod demo;
 mod drift;
