@@ -175,6 +175,24 @@ pub struct PlanArgs {
     /// Downloads at once for --verify-remote.
     #[arg(long, short = 'j', default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub jobs: u16,
+    /// Also run `<binary> version` for each staged, verified binary of this host whose version
+    /// the manifest declares (environment cleared, HOME a temp dir), as apply does after staging.
+    /// This executes files found in the tree: for hosts, never for CI. Without it, plan executes
+    /// nothing.
+    #[arg(long)]
+    pub run_version: bool,
+    /// Also write the findings (manifest problems, --verify-remote mismatches, --node drift,
+    /// will-it-run) on stderr as a CI system's annotations: `github` for GitHub Actions workflow
+    /// commands, shown on the manifest's lines in the pull request.
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub annotations: Option<Annotations>,
+}
+
+/// CI systems whose annotation format plan can write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Annotations {
+    /// GitHub Actions workflow commands: `::error file=cvx.toml,line=12,col=1::message`.
+    Github,
 }
 
 #[derive(Debug, Args)]
@@ -516,24 +534,56 @@ pub fn compute_plan(
 }
 
 fn run_plan(args: PlanArgs) -> Result<ExitCode, Error> {
-    match plan_command(&args) {
+    let result = plan_command(&args);
+    if let Err(err) = &result {
+        if args.annotations == Some(Annotations::Github) {
+            eprint!("{}", error_annotations(&args.common.manifest, err));
+        }
         // CI reading --json gets one document even when there is no plan: the error, and each
         // manifest problem with its line, column and key.
-        Err(err) if args.common.json => {
-            let problems = match &err {
+        if args.common.json {
+            let problems = match err {
                 Error::Manifest(ManifestError::Invalid { problems, .. }) => problems.clone(),
                 _ => Vec::new(),
             };
             let document = serde_json::json!({
                 "format_version": plan::FORMAT_VERSION,
                 "manifest": args.common.manifest,
-                "error": render::error_chain(&err),
+                "error": render::error_chain(err),
                 "problems": problems,
             });
             print!("{}", render::json(&document));
-            Err(err)
         }
-        result => result,
+    }
+    result
+}
+
+/// The manifest's path as GitHub places annotations: from the repository's root
+/// (`GITHUB_WORKSPACE`) when it lies inside it, without a leading `./`.
+fn annotation_file(path: &Path) -> String {
+    let inside_workspace = std::env::var_os("GITHUB_WORKSPACE").and_then(|workspace| {
+        std::path::absolute(path)
+            .ok()?
+            .strip_prefix(workspace)
+            .ok()
+            .map(Path::to_path_buf)
+    });
+    let path = inside_workspace.unwrap_or_else(|| path.to_path_buf());
+    let relative: PathBuf = path
+        .components()
+        .filter(|c| *c != std::path::Component::CurDir)
+        .collect();
+    relative.display().to_string()
+}
+
+/// Why plan made no plan, as annotations: each manifest problem on its line, else the error.
+fn error_annotations(manifest: &Path, err: &Error) -> String {
+    let file = annotation_file(manifest);
+    match err {
+        Error::Manifest(ManifestError::Invalid { problems, .. }) => {
+            render::github::problems(&file, problems, render::github::Level::Error)
+        }
+        _ => render::github::error(&file, &render::error_chain(err)),
     }
 }
 
@@ -541,8 +591,14 @@ fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
     let mut plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;
-    // Will it run here: staged, verified binaries of this host (src/runnable.rs).
-    plan.runnable = crate::runnable::check_plan(&plan);
+    // Will it run here: staged, verified binaries of this host (src/runnable.rs); `version` is
+    // executed only when asked.
+    let execute = if args.run_version {
+        crate::runnable::Execute::Version
+    } else {
+        crate::runnable::Execute::Nothing
+    };
+    plan.runnable = crate::runnable::check_plan(&plan, execute);
     if args.verify_remote {
         plan.remote = runtime()?
             .block_on(crate::verify::verify_remote(
@@ -559,6 +615,17 @@ fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
         print!("{}", render::json(&plan));
     } else {
         print!("{}", render::plan_human(&plan, Colors::for_stdout()));
+    }
+    if args.annotations == Some(Annotations::Github) {
+        let file = annotation_file(&loaded.path);
+        // The text as validated, to find each key's line; a file changed since only misplaces.
+        let source = std::fs::read_to_string(&loaded.path).unwrap_or_default();
+        let manifest = render::github::Manifest::new(&file, &source);
+        eprint!(
+            "{}{}",
+            render::github::problems(&file, &loaded.warnings, render::github::Level::Warning),
+            render::github::plan(&manifest, &plan)
+        );
     }
     let code = if plan.remote.iter().any(|c| !c.ok)
         || plan.drift.as_ref().is_some_and(|d| d.has_errors())

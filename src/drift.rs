@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::manifest::Manifest;
+use crate::plan::ManifestKey;
 
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct DriftReport {
@@ -41,6 +42,10 @@ pub struct Drift {
     pub severity: Severity,
     /// The upgrade concerned.
     pub upgrade: String,
+    /// Where the manifest says what the chain contradicts (its height, or its name); absent when
+    /// the manifest lacks the upgrade.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<ManifestKey>,
     pub message: String,
 }
 
@@ -169,24 +174,31 @@ pub fn compare(
 ) -> DriftReport {
     let mut findings = Vec::new();
     if let Some(plan) = &current_plan {
-        let exact = manifest.upgrades.iter().find(|u| u.name == plan.name);
+        let exact = manifest
+            .upgrades
+            .iter()
+            .enumerate()
+            .find(|(_, u)| u.name == plan.name);
         let by_height = manifest
             .upgrades
             .iter()
-            .find(|u| u.height == Some(plan.height));
+            .enumerate()
+            .find(|(_, u)| u.height == Some(plan.height));
         match (exact, by_height) {
-            (Some(u), _) => {
+            (Some((i, u)), _) => {
                 if let Some(h) = u.height.filter(|h| *h != plan.height) {
                     findings.push(Drift {
                         severity: Severity::Error,
                         upgrade: u.name.clone(),
+                        key: Some(ManifestKey::stage(Some(i)).key("height")),
                         message: format!("the chain schedules {} at height {}, the manifest says {h}", plan.name, plan.height),
                     });
                 }
             }
-            (None, Some(u)) => findings.push(Drift {
+            (None, Some((i, u))) => findings.push(Drift {
                 severity: Severity::Error,
                 upgrade: u.name.clone(),
+                key: Some(ManifestKey::stage(Some(i)).key("name")),
                 message: format!(
                     "at height {} the chain schedules {:?}, the manifest names it {:?}; the node will look for upgrades/{}",
                     plan.height,
@@ -198,6 +210,7 @@ pub fn compare(
             (None, None) => findings.push(Drift {
                 severity: Severity::Error,
                 upgrade: plan.name.clone(),
+                key: None,
                 message: format!(
                     "the chain schedules {} at height {} and the manifest lacks it: the node will halt there with no binary",
                     plan.name, plan.height
@@ -206,8 +219,14 @@ pub fn compare(
         }
     }
     // Applied upgrades are history: a manifest that disagrees is stale, and nothing breaks for it.
-    for (upgrade, applied_at) in manifest.upgrades.iter().zip(applied) {
+    for (i, (upgrade, applied_at)) in manifest.upgrades.iter().zip(applied).enumerate() {
         let Some(at) = *applied_at else { continue };
+        let stage = ManifestKey::stage(Some(i));
+        let key = Some(if upgrade.height.is_some() {
+            stage.key("height")
+        } else {
+            stage.key("name")
+        });
         let message = match upgrade.height {
             Some(h) if h > latest_height => {
                 format!("still expected at {h}, but the chain already applied it at {at}")
@@ -223,6 +242,7 @@ pub fn compare(
         findings.push(Drift {
             severity: Severity::Warning,
             upgrade: upgrade.name.clone(),
+            key,
             message,
         });
     }

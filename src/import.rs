@@ -1,20 +1,26 @@
 //! `cvx import chain-registry`: a manifest written from the chain registry's `chain.json` and/or
-//! `versions.json` (files or http(s) URLs).
+//! `versions.json` (files or http(s) URLs; UTF-8, a byte-order mark allowed; a JSON error is
+//! reported at its file:line:column).
 //!
 //! Mapping (README, `cvx import`):
 //! - `[chain]`: `chain_id`, `daemon_name` (or `--chain-id`, `--daemon`); `node_home` becomes `home`
 //!   only when absolute, else a commented suggestion; `platforms` = the platforms every imported
 //!   version has a binary for (the others are dropped, and named on stderr).
-//! - Which versions: by default the second-to-last registry version is the genesis binary and the
-//!   last one the upgrade to come: a node started today from a recent snapshot runs one of the two.
-//!   `--from NAME` starts at NAME, `--all` at the first. Without versions.json, chain.json's
-//!   `codebase` (its recommended version) is the genesis binary.
-//! - Per version: `name` (the plan name, exactly), `height` unless 0 or absent, `version` =
-//!   `recommended_version`, else `tag`, with a leading `v`; a version that is not semver or not
-//!   above the one before it is written as a comment, and so is a height that does not increase.
+//! - Which versions: versions.json's, else those of the older layout, chain.json's
+//!   `codebase.versions`. By default the second-to-last is the genesis binary and the last one the
+//!   upgrade to come: a node started today from a recent snapshot runs one of the two. `--from
+//!   NAME` starts at NAME, `--all` at the first. Without any list, chain.json's `codebase` (its
+//!   recommended version) is the genesis binary. Two versions of one name are an error naming the
+//!   file and both entries (a note when neither is imported).
+//! - Per version: `name` (the plan name, exactly), `height` when it is a positive block height
+//!   (else a note and a comment), `version` = `recommended_version`, else `tag`, with a leading
+//!   `v`; a version that is not semver or not above the one before it is written as a comment,
+//!   and so is a height that does not increase.
 //! - Binaries: the URL without its `?checksum=` parameter, whose value (`sha256:HEX` or a bare
 //!   HEX) becomes `sha256`. Without one, `sha256 = ""` with a TODO comment: the manifest is not
-//!   valid until `cvx pin` fills it.
+//!   valid until `cvx pin` fills it. Downloads that cannot be the daemon (`.deb`, `.rpm` and other
+//!   packages, archives cvx does not unpack, checksum files) are skipped with a note; a version
+//!   left with none is an error whose hint comes from the registry's own data.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -85,11 +91,14 @@ pub enum ImportError {
     },
     #[error("{source_name} is larger than {max} bytes")]
     TooLarge { source_name: String, max: u64 },
-    #[error("{source_name} is not a chain-registry file")]
+    #[error("{source_name}:{line}:{column}: {what}: {message}")]
     Json {
         source_name: String,
-        #[source]
-        source: serde_json::Error,
+        line: usize,
+        column: usize,
+        /// `not valid JSON`, or `not a chain-registry file` for valid JSON of another shape.
+        what: &'static str,
+        message: String,
     },
     #[error("{source_name} is neither a chain-registry chain.json nor a versions.json")]
     NotRegistry { source_name: String },
@@ -112,20 +121,46 @@ pub enum ImportError {
     NoVersions,
     #[error("{flag} chooses among versions.json's versions, and none was given")]
     NeedsVersions { flag: &'static str },
-    #[error("registry version {name:?} lists no binaries: cvx cannot stage it")]
-    NoBinaries { name: String },
+    #[error("registry version {name:?} lists no binary cvx can stage{detail}")]
+    NoBinaries {
+        name: String,
+        /// What it lists instead, e.g. `: linux/amd64 is a Debian package (.deb)`; empty when
+        /// it lists nothing.
+        detail: String,
+        /// What would help, from the registry's own data.
+        hint: String,
+    },
     #[error("no platform has a binary in every imported version ({detail})")]
-    NoCommonPlatform { detail: String },
+    NoCommonPlatform { detail: String, hint: String },
     #[error("registry version {name:?} has no binary for {platform}")]
-    PlatformMissing { name: String, platform: String },
+    PlatformMissing {
+        name: String,
+        platform: String,
+        hint: String,
+    },
+    #[error(
+        "{source_name} lists version {name:?} twice: entry #{} ({}) and entry #{} ({})",
+        first.0, first.1, second.0, second.1
+    )]
+    DuplicateVersion {
+        source_name: String,
+        name: String,
+        /// 1-based position in the list, and what tells the entries apart (tag, height).
+        first: (usize, String),
+        second: (usize, String),
+    },
     #[error("platform {0:?} is not of the form os/arch")]
     BadPlatform(String),
     #[error("upgrade name {name:?} {why}")]
     BadName { name: String, why: &'static str },
     #[error(
-        "upgrade names {first:?} and {second:?} would share a directory (Cosmovisor lower-cases names)"
+        "{source_name}: upgrade names {first:?} and {second:?} would share a directory (Cosmovisor lower-cases names)"
     )]
-    DuplicateName { first: String, second: String },
+    DuplicateName {
+        source_name: String,
+        first: String,
+        second: String,
+    },
     #[error("{} exists", path.display())]
     Exists { path: PathBuf },
     #[error("cannot write {}", path.display())]
@@ -152,13 +187,14 @@ impl ImportError {
             ImportError::UnknownVersion { names, .. } => {
                 Some(format!("versions in the registry: {}", names.join(", ")))
             }
-            ImportError::NoBinaries { .. } | ImportError::NoCommonPlatform { .. } => Some(
-                "start at a later version with --from NAME, or choose platforms with --platform"
+            ImportError::NoBinaries { hint, .. }
+            | ImportError::NoCommonPlatform { hint, .. }
+            | ImportError::PlatformMissing { hint, .. } => Some(hint.clone()),
+            ImportError::DuplicateVersion { .. } => Some(
+                "a version's name is its on-chain plan name, which is unique: fix the registry \
+                 file (keep the entry the chain's upgrade plan matches)"
                     .into(),
             ),
-            ImportError::PlatformMissing { .. } => {
-                Some("start at a later version with --from NAME, or drop that --platform".into())
-            }
             ImportError::BadPlatform(_) => Some("use Go's names, e.g. linux/amd64".into()),
             ImportError::NeedsVersions { .. } | ImportError::NoVersions => {
                 Some("pass the chain's versions.json too".into())
@@ -188,6 +224,8 @@ pub struct Codebase {
     pub recommended_version: Option<String>,
     pub tag: Option<String>,
     pub binaries: Option<BTreeMap<String, String>>,
+    /// The older layout, before versions.json: the chain's versions inside chain.json.
+    pub versions: Option<Vec<RegistryVersion>>,
 }
 
 /// `versions.json`, the fields cvx reads.
@@ -201,7 +239,8 @@ pub struct VersionsJson {
 pub struct RegistryVersion {
     pub name: String,
     pub tag: Option<String>,
-    pub height: Option<serde_json::Number>,
+    /// A number in the schema; anything else is noted and left out.
+    pub height: Option<serde_json::Value>,
     pub recommended_version: Option<String>,
     pub binaries: Option<BTreeMap<String, String>>,
 }
@@ -249,9 +288,12 @@ struct Entry {
     /// Where it comes from, for comments: `versions.json "v31"`, `chain.json codebase`.
     origin: String,
     name: Option<String>,
-    height: Option<u64>,
+    /// `Err`: the registry's value, which is not a block height.
+    height: Result<Option<u64>, String>,
     version: Option<String>,
     binaries: BTreeMap<String, Binary>,
+    /// What the registry lists that cvx cannot stage.
+    skipped: Vec<Skipped>,
 }
 
 struct Binary {
@@ -355,17 +397,17 @@ pub async fn read_inputs(sources: &[String]) -> Result<Inputs, ImportError> {
     let mut inputs = Inputs::default();
     let mut client = None;
     for source in sources {
-        let bytes = read_source(source, &mut client).await?;
-        let json_error = |source_err| ImportError::Json {
-            source_name: source.clone(),
-            source: source_err,
-        };
-        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(json_error)?;
+        let raw = read_source(source, &mut client).await?;
+        // Editors on Windows save UTF-8 with a byte-order mark; JSON parsers need it gone.
+        let bytes = raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&raw);
+        let json_error = |e| json_error(source, e);
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(json_error)?;
         let object = value.as_object().ok_or_else(|| ImportError::NotRegistry {
             source_name: source.clone(),
         })?;
         if object.contains_key("versions") {
-            let versions: VersionsJson = serde_json::from_value(value).map_err(json_error)?;
+            // From the bytes again, so a field of the wrong shape is reported at its line.
+            let versions: VersionsJson = serde_json::from_slice(bytes).map_err(json_error)?;
             if let Some((first, _)) = &inputs.versions {
                 return Err(ImportError::Twice {
                     first: first.clone(),
@@ -378,7 +420,7 @@ pub async fn read_inputs(sources: &[String]) -> Result<Inputs, ImportError> {
             .iter()
             .any(|k| object.contains_key(*k))
         {
-            let chain: ChainJson = serde_json::from_value(value).map_err(json_error)?;
+            let chain: ChainJson = serde_json::from_slice(bytes).map_err(json_error)?;
             if let Some((first, _)) = &inputs.chain {
                 return Err(ImportError::Twice {
                     first: first.clone(),
@@ -394,6 +436,27 @@ pub async fn read_inputs(sources: &[String]) -> Result<Inputs, ImportError> {
         }
     }
     Ok(inputs)
+}
+
+/// A JSON error at its line and column of `source`.
+fn json_error(source: &str, e: serde_json::Error) -> ImportError {
+    let (line, column) = (e.line(), e.column());
+    let text = e.to_string();
+    let message = text
+        .strip_suffix(&format!(" at line {line} column {column}"))
+        .unwrap_or(&text)
+        .to_string();
+    ImportError::Json {
+        source_name: source.to_string(),
+        line,
+        column,
+        what: if e.is_data() {
+            "not a chain-registry file"
+        } else {
+            "not valid JSON"
+        },
+        message,
+    }
 }
 
 /// The bytes of a path, a `file://` URL or an http(s) URL, at most [`MAX_SOURCE_SIZE`].
@@ -480,41 +543,150 @@ fn normalize_version(version: &str) -> String {
     }
 }
 
-/// A registry height: a positive integer, else none.
-fn height(number: Option<&serde_json::Number>) -> Option<u64> {
-    let number = number?;
-    let h = number.as_u64().or_else(|| {
-        number
-            .as_f64()
-            .filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < u64::MAX as f64)
-            .map(|f| f as u64)
-    })?;
-    (h > 0 && i64::try_from(h).is_ok()).then_some(h)
+/// A registry height: `Ok(None)` when absent, `Ok(Some)` for a positive block height (a number,
+/// or a string of digits), else `Err` with the value as the registry wrote it.
+fn height(value: Option<&serde_json::Value>) -> Result<Option<u64>, String> {
+    use serde_json::Value;
+    let positive = |h: u64| (h > 0 && i64::try_from(h).is_ok()).then_some(h);
+    let parsed = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && *f >= 1.0 && *f < i64::MAX as f64)
+                    .map(|f| f as u64)
+            })
+            .and_then(positive),
+        Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().ok().and_then(positive)
+        }
+        Some(_) => None,
+    };
+    parsed
+        .map(Some)
+        .ok_or_else(|| value.map(Value::to_string).unwrap_or_default())
 }
 
-/// The registry's binaries, checked; platforms cvx cannot key by are dropped with a note.
+/// Why a download cannot be what cvx stages as the daemon, judged by its file name: a package or
+/// an installer, an archive cvx does not unpack, a checksum or a signature.
+fn not_a_binary(url: &str) -> Option<String> {
+    const UNPACKED: &[&str] = &[
+        ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
+    ];
+    const KINDS: &[(&str, &str)] = &[
+        (".deb", "a Debian package"),
+        (".rpm", "an RPM package"),
+        (".apk", "an Alpine package"),
+        (".snap", "a snap package"),
+        (".pkg", "a macOS installer package"),
+        (".dmg", "a macOS disk image"),
+        (".msi", "a Windows installer"),
+        (".tar.bz2", "a bzip2 tar archive, which cvx does not unpack"),
+        (".tbz2", "a bzip2 tar archive, which cvx does not unpack"),
+        (
+            ".tar",
+            "an uncompressed tar archive, which cvx does not unpack",
+        ),
+        (".7z", "a 7-Zip archive, which cvx does not unpack"),
+        (".rar", "a RAR archive, which cvx does not unpack"),
+        (
+            ".gz",
+            "a single gzip-compressed file, which cvx does not unpack",
+        ),
+        (
+            ".xz",
+            "a single xz-compressed file, which cvx does not unpack",
+        ),
+        (
+            ".zst",
+            "a single zstd-compressed file, which cvx does not unpack",
+        ),
+        (
+            ".bz2",
+            "a single bzip2-compressed file, which cvx does not unpack",
+        ),
+        (".sha256", "a checksum file"),
+        (".sha256sum", "a checksum file"),
+        (".asc", "a signature"),
+        (".sig", "a signature"),
+    ];
+    let name = crate::manifest::url_file_name(url)?.to_ascii_lowercase();
+    if UNPACKED.iter().any(|ext| name.ends_with(ext)) {
+        return None;
+    }
+    KINDS
+        .iter()
+        .find(|(ext, _)| name.ends_with(ext))
+        .map(|(ext, what)| format!("{what} ({ext})"))
+}
+
+/// A registry binary cvx cannot stage: its platform, URL, and why.
+struct Skipped {
+    platform: String,
+    url: String,
+    why: String,
+}
+
+/// The registry's binaries that cvx can stage, and those it cannot.
+fn classify(raw: Option<&BTreeMap<String, String>>) -> (BTreeMap<String, Binary>, Vec<Skipped>) {
+    let mut binaries = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for (platform, url) in raw.into_iter().flatten() {
+        if !crate::manifest::valid_platform(platform) {
+            skipped.push(Skipped {
+                platform: format!("{platform:?}"),
+                url: url.clone(),
+                why: "not an os/arch platform".into(),
+            });
+            continue;
+        }
+        let (url, sha256, _) = fetch::split_checksum(url.trim());
+        if let Some(why) = not_a_binary(&url) {
+            skipped.push(Skipped {
+                platform: platform.clone(),
+                url,
+                why: format!("{why}, not a binary or an archive cvx can unpack"),
+            });
+            continue;
+        }
+        binaries.insert(platform.clone(), Binary { url, sha256 });
+    }
+    (binaries, skipped)
+}
+
+/// The registry's binaries, checked; what cvx cannot stage is dropped with a note.
 fn binaries(
     origin: &str,
     raw: Option<&BTreeMap<String, String>>,
     notes: &mut Vec<String>,
-) -> BTreeMap<String, Binary> {
-    let mut out = BTreeMap::new();
-    for (platform, url) in raw.into_iter().flatten() {
-        if !crate::manifest::valid_platform(platform) {
-            notes.push(format!(
-                "{origin}: binary for {platform:?} skipped (not an os/arch platform)"
-            ));
-            continue;
-        }
-        let (url, sha256, note) = fetch::split_checksum(url.trim());
+) -> (BTreeMap<String, Binary>, Vec<Skipped>) {
+    for url in raw.into_iter().flat_map(|r| r.values()) {
+        let (_, _, note) = fetch::split_checksum(url.trim());
         notes.extend(note.map(|n| format!("{origin}: {n}")));
-        out.insert(platform.clone(), Binary { url, sha256 });
     }
-    out
+    let (binaries, skipped) = classify(raw);
+    for s in &skipped {
+        notes.push(format!(
+            "{origin}: binary for {} skipped: {} is {}",
+            s.platform, s.url, s.why
+        ));
+    }
+    (binaries, skipped)
 }
 
-fn entry(version: &RegistryVersion, notes: &mut Vec<String>) -> Entry {
-    let origin = format!("versions.json {:?}", version.name);
+/// Where the versions come from: versions.json, or the older layout inside chain.json.
+struct VersionList<'a> {
+    /// For messages: the file as given, and for the older layout ` codebase.versions` after it.
+    source: String,
+    /// For each version's origin: `versions.json` or `chain.json codebase.versions`.
+    kind: &'static str,
+    versions: &'a [RegistryVersion],
+}
+
+fn entry(version: &RegistryVersion, kind: &str, notes: &mut Vec<String>) -> Entry {
+    let origin = format!("{kind} {:?}", version.name);
+    let (binaries, skipped) = binaries(&origin, version.binaries.as_ref(), notes);
     Entry {
         name: Some(version.name.clone()),
         height: height(version.height.as_ref()),
@@ -524,9 +696,111 @@ fn entry(version: &RegistryVersion, notes: &mut Vec<String>) -> Entry {
             .or(version.tag.as_deref())
             .filter(|v| !v.trim().is_empty())
             .map(normalize_version),
-        binaries: binaries(&origin, version.binaries.as_ref(), notes),
+        binaries,
+        skipped,
         origin,
     }
+}
+
+/// What tells a registry version apart from another of the same name.
+fn describe(version: &RegistryVersion) -> String {
+    let mut parts = Vec::new();
+    if let Some(tag) = &version.tag {
+        parts.push(format!("tag {tag}"));
+    }
+    if let Some(v) = &version.recommended_version {
+        parts.push(format!("recommended_version {v}"));
+    }
+    match &version.height {
+        Some(h) => parts.push(format!("height {h}")),
+        None => parts.push("no height".into()),
+    }
+    one_line(&parts.join(", "))
+}
+
+/// Two versions of one name: an error when either is imported (which one is meant?), a note when
+/// both are left out.
+fn check_duplicates(
+    list: &VersionList<'_>,
+    start: usize,
+    notes: &mut Vec<String>,
+) -> Result<(), ImportError> {
+    let mut first: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, v) in list.versions.iter().enumerate() {
+        let Some(j) = first.insert(&v.name, i) else {
+            continue;
+        };
+        first.insert(&v.name, j);
+        let error = ImportError::DuplicateVersion {
+            source_name: list.source.clone(),
+            name: v.name.clone(),
+            first: (j + 1, describe(&list.versions[j])),
+            second: (i + 1, describe(v)),
+        };
+        if i >= start {
+            return Err(error);
+        }
+        notes.push(format!("{error}; neither is imported"));
+    }
+    Ok(())
+}
+
+/// For a version that lists nothing cvx can stage: a later start from which every version does,
+/// else the way to write its binaries by hand.
+fn no_binaries_hint(
+    list: Option<&VersionList<'_>>,
+    name: Option<&str>,
+    skipped: &[Skipped],
+) -> String {
+    let by_hand = |lists: &str| {
+        format!(
+            "the registry {lists}: write binary.\"linux/amd64\" = {{ url = \"<the release's binary or .tar.gz>\", sha256 = \"\" }} for each version by hand (examples/minimal.toml shows the layout), then run cvx pin"
+        )
+    };
+    let Some(list) = list else {
+        return by_hand("gives no binary cvx can stage in chain.json's codebase");
+    };
+    let stageable: Vec<bool> = list
+        .versions
+        .iter()
+        .map(|v| !classify(v.binaries.as_ref()).0.is_empty())
+        .collect();
+    let at = list
+        .versions
+        .iter()
+        .position(|v| Some(v.name.as_str()) == name);
+    if let Some(at) = at
+        && let Some(from) =
+            (at + 1..list.versions.len()).find(|&m| stageable[m..].iter().all(|s| *s))
+    {
+        return format!(
+            "start at a later version with --from {}: it and every version after it list a binary",
+            list.versions[from].name
+        );
+    }
+    if stageable.iter().all(|s| !s) {
+        let mut kinds: Vec<&str> = skipped
+            .iter()
+            .map(|s| s.why.split(" (").next().unwrap_or(&s.why))
+            .collect();
+        kinds.dedup();
+        return if kinds.is_empty() {
+            by_hand("lists no binaries for this chain")
+        } else {
+            by_hand(&format!("lists only {} for this chain", kinds.join(", ")))
+        };
+    }
+    let without: Vec<&str> = list
+        .versions
+        .iter()
+        .zip(&stageable)
+        .filter(|(_, s)| !**s)
+        .map(|(v, _)| v.name.as_str())
+        .collect();
+    by_hand(&format!(
+        "lists no stageable binary for {}",
+        span_of(&without)
+    ))
 }
 
 /// Turn registry files into manifest text; pure (no I/O), so tests can call it directly.
@@ -567,26 +841,61 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
         }
     }
 
+    // The versions: versions.json, else the older layout's codebase.versions in chain.json.
+    let old_layout = inputs.chain.as_ref().and_then(|(source, c)| {
+        let versions = c.codebase.as_ref()?.versions.as_deref()?;
+        (!versions.is_empty()).then_some((source, versions))
+    });
+    let list = match (&inputs.versions, old_layout) {
+        (Some((source, v)), old) if !v.versions.is_empty() => {
+            if let Some((chain_source, _)) = old {
+                notes.push(format!(
+                    "{chain_source}: codebase.versions (the registry's older layout) is ignored: versions.json is given"
+                ));
+            }
+            Some(VersionList {
+                source: source.clone(),
+                kind: "versions.json",
+                versions: &v.versions,
+            })
+        }
+        (_, Some((source, versions))) => {
+            notes.push(format!(
+                "{source}: versions read from codebase.versions (the registry's older layout, before versions.json)"
+            ));
+            Some(VersionList {
+                source: format!("{source} codebase.versions"),
+                kind: "chain.json codebase.versions",
+                versions,
+            })
+        }
+        _ => None,
+    };
+
     // The versions to import: genesis first.
-    let (entries, skipped_before) = match versions.filter(|v| !v.versions.is_empty()) {
-        Some(v) => {
-            let list = &v.versions;
+    let (entries, skipped_before) = match &list {
+        Some(list) => {
+            let all = list.versions;
             let start = if options.all {
                 0
             } else if let Some(name) = &options.from {
-                list.iter().position(|v| &v.name == name).ok_or_else(|| {
+                all.iter().position(|v| &v.name == name).ok_or_else(|| {
                     ImportError::UnknownVersion {
                         name: name.clone(),
-                        names: list.iter().map(|v| v.name.clone()).collect(),
+                        names: all.iter().map(|v| v.name.clone()).collect(),
                     }
                 })?
             } else {
-                list.len().saturating_sub(2)
+                all.len().saturating_sub(2)
             };
-            let entries: Vec<Entry> = list[start..].iter().map(|v| entry(v, &mut notes)).collect();
+            check_duplicates(list, start, &mut notes)?;
+            let entries: Vec<Entry> = all[start..]
+                .iter()
+                .map(|v| entry(v, list.kind, &mut notes))
+                .collect();
             (
                 entries,
-                list[..start].iter().map(|v| v.name.clone()).collect(),
+                all[..start].iter().map(|v| v.name.clone()).collect(),
             )
         }
         None => {
@@ -599,16 +908,18 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
                 .and_then(|c| c.codebase.as_ref())
                 .ok_or(ImportError::NoVersions)?;
             let origin = "chain.json codebase".to_string();
+            let (binaries, skipped) = binaries(&origin, codebase.binaries.as_ref(), &mut notes);
             let entry = Entry {
                 name: None,
-                height: None,
+                height: Ok(None),
                 version: codebase
                     .recommended_version
                     .as_deref()
                     .or(codebase.tag.as_deref())
                     .filter(|v| !v.trim().is_empty())
                     .map(normalize_version),
-                binaries: binaries(&origin, codebase.binaries.as_ref(), &mut notes),
+                binaries,
+                skipped,
                 origin,
             };
             (vec![entry], Vec::<String>::new())
@@ -623,8 +934,20 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
     };
     for e in &entries {
         if e.binaries.is_empty() {
+            let detail = if e.skipped.is_empty() {
+                String::new()
+            } else {
+                let what: Vec<String> = e
+                    .skipped
+                    .iter()
+                    .map(|s| format!("{} is {}", s.platform, s.why))
+                    .collect();
+                format!(": {}", what.join("; "))
+            };
             return Err(ImportError::NoBinaries {
                 name: e.name.clone().unwrap_or_else(|| e.origin.clone()),
+                detail,
+                hint: no_binaries_hint(list.as_ref(), e.name.as_deref(), &e.skipped),
             });
         }
     }
@@ -639,6 +962,7 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
         }
         if let Some(first) = seen.insert(name.to_lowercase(), name) {
             return Err(ImportError::DuplicateName {
+                source_name: list.as_ref().map(|l| l.source.clone()).unwrap_or_default(),
                 first: first.to_string(),
                 second: name.to_string(),
             });
@@ -647,12 +971,27 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
 
     // Platforms: those asked for (every imported version must have them), else the common ones.
     let all: BTreeSet<&String> = entries.iter().flat_map(|e| e.binaries.keys()).collect();
-    let platforms: Vec<String> = if options.platforms.is_empty() {
-        let common: Vec<String> = all
-            .iter()
-            .filter(|p| entries.iter().all(|e| e.binaries.contains_key(**p)))
+    // The platforms every version from `from` on has a binary for.
+    let shared_from = |from: usize| -> Vec<String> {
+        all.iter()
+            .filter(|p| entries[from..].iter().all(|e| e.binaries.contains_key(**p)))
             .map(|p| p.to_string())
-            .collect();
+            .collect()
+    };
+    // The first later version from which every version has one of `wanted` (or any platform).
+    let later_start = |wanted: Option<&str>| {
+        (1..entries.len()).find_map(|from| {
+            let shared = shared_from(from);
+            let fits = match wanted {
+                Some(p) => shared.iter().any(|s| s == p),
+                None => !shared.is_empty(),
+            };
+            let name = entries[from].name.clone()?;
+            fits.then_some((name, shared))
+        })
+    };
+    let platforms: Vec<String> = if options.platforms.is_empty() {
+        let common = shared_from(0);
         if common.is_empty() {
             let detail = entries
                 .iter()
@@ -665,16 +1004,39 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
                 })
                 .collect::<Vec<_>>()
                 .join("; ");
-            return Err(ImportError::NoCommonPlatform { detail });
+            let hint = match later_start(None) {
+                Some((name, shared)) => format!(
+                    "start at a later version with --from {name}: from it on, every version has a binary for {}",
+                    shared.join(", ")
+                ),
+                None => "write the binaries of the versions you need by hand (examples/minimal.toml shows the layout), then run cvx pin".into(),
+            };
+            return Err(ImportError::NoCommonPlatform { detail, hint });
         }
         common
     } else {
         let mut chosen: Vec<String> = Vec::new();
         for p in &options.platforms {
             if let Some(e) = entries.iter().find(|e| !e.binaries.contains_key(p)) {
+                let mut ways = Vec::new();
+                if let Some((name, _)) = later_start(Some(p)) {
+                    ways.push(format!(
+                        "start at a later version with --from {name} (from it on, every version has a binary for {p})"
+                    ));
+                }
+                let common = shared_from(0);
+                if common.is_empty() {
+                    ways.push(format!("drop --platform {p}"));
+                } else {
+                    ways.push(format!(
+                        "import the platforms every version has: --platform {}",
+                        common.join(" --platform ")
+                    ));
+                }
                 return Err(ImportError::PlatformMissing {
                     name: e.name.clone().unwrap_or_else(|| e.origin.clone()),
                     platform: p.clone(),
+                    hint: ways.join(", or "),
                 });
             }
             if !chosen.contains(p) {
@@ -717,7 +1079,7 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
     header.push_str(
         "# The plan names, heights, versions, URLs and checksums are the registry's: review them.\n",
     );
-    if inputs.versions.is_some() {
+    if list.is_some() {
         if !skipped_before.is_empty() {
             let _ = writeln!(
                 header,
@@ -781,7 +1143,7 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
                 Some(name) => format!("# Registry version {name:?}"),
                 None => format!("# The {}", e.origin),
             };
-            if let Some(h) = e.height {
+            if let Ok(Some(h)) = e.height {
                 let _ = write!(what, " (upgrade height {h})");
             }
             what.push_str(": the binary the node starts with.\n");
@@ -789,8 +1151,26 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
         } else {
             let name = e.name.clone().unwrap_or_default();
             table.insert("name", toml_edit::value(name.clone()));
-            if let Some(h) = e.height {
-                match &last_height {
+            match e.height.clone() {
+                Ok(None) => {
+                    notes.push(format!(
+                        "{stage}: no height in the registry: written without one (plan cannot check its order, nor --node its height)"
+                    ));
+                    pending.push_str(
+                        "# height: none in the registry; add the plan's height from its governance proposal\n",
+                    );
+                }
+                Err(written) => {
+                    notes.push(format!(
+                        "{stage}: height {written} in the registry is not a block height: left out"
+                    ));
+                    let _ = writeln!(
+                        pending,
+                        "# height = {}  # the registry's; not a block height",
+                        one_line(&written)
+                    );
+                }
+                Ok(Some(h)) => match &last_height {
                     Some((prev, prev_name)) if h <= *prev => {
                         notes.push(format!("{stage}: height {h} is not above {prev} ({prev_name}): written as a comment"));
                         let _ = writeln!(
@@ -802,7 +1182,7 @@ pub fn convert(inputs: &Inputs, options: &Options) -> Result<Imported, ImportErr
                         table.insert("height", toml_edit::value(h as i64));
                         last_height = Some((h, name.clone()));
                     }
-                }
+                },
             }
         }
         if let Some(v) = &e.version {
@@ -1025,11 +1405,38 @@ mod tests {
     fn versions_and_heights_are_normalised() {
         assert_eq!(normalize_version("28.0.4"), "v28.0.4");
         assert_eq!(normalize_version("v15.2.0"), "v15.2.0");
-        let n = |s: &str| serde_json::from_str::<serde_json::Number>(s).unwrap();
-        assert_eq!(height(Some(&n("0"))), None);
-        assert_eq!(height(Some(&n("-3"))), None);
-        assert_eq!(height(Some(&n("12.5"))), None);
-        assert_eq!(height(Some(&n("41332000"))), Some(41_332_000));
-        assert_eq!(height(Some(&n("41332000.0"))), Some(41_332_000));
+        let h = |s: &str| height(Some(&serde_json::from_str(s).unwrap()));
+        assert_eq!(h("0"), Err("0".into()));
+        assert_eq!(h("-3"), Err("-3".into()));
+        assert_eq!(h("12.5"), Err("12.5".into()));
+        assert_eq!(h("\"soon\""), Err("\"soon\"".into()));
+        assert_eq!(h("41332000"), Ok(Some(41_332_000)));
+        assert_eq!(h("41332000.0"), Ok(Some(41_332_000)));
+        assert_eq!(h("\"41332000\""), Ok(Some(41_332_000)));
+        assert_eq!(h("null"), Ok(None));
+        assert_eq!(height(None), Ok(None));
+    }
+
+    #[test]
+    fn packages_and_archives_cvx_cannot_unpack_are_not_binaries() {
+        let no = |url: &str| not_a_binary(url);
+        assert_eq!(
+            no("https://e.org/v1.12.1/secretnetwork_1.12.1_mainnet_goleveldb_amd64.deb").as_deref(),
+            Some("a Debian package (.deb)")
+        );
+        assert!(no("https://e.org/x.rpm?raw=1").is_some());
+        assert!(no("https://e.org/osmosisd.gz").is_some());
+        assert!(no("https://e.org/osmosisd.tar.bz2").is_some());
+        for fine in [
+            "https://e.org/osmosisd-26.0.0-linux-amd64",
+            "https://e.org/osmosisd.tar.gz",
+            "https://e.org/osmosisd.TGZ",
+            "https://e.org/osmosisd.zip",
+            "https://e.org/osmosisd.tar.zst",
+            "https://e.org/gaiad-v15.2.0-linux-amd64.exe",
+            "https://e.org/dl?file=x.deb",
+        ] {
+            assert_eq!(no(fine), None, "{fine}");
+        }
     }
 }

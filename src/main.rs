@@ -35,9 +35,12 @@ fn init_logging(verbosity: i8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CVX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("cvx={level},{level}")));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colour only on a terminal: CI logs and files get plain text.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
         .with_target(false)
         .init();
 }

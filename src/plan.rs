@@ -98,6 +98,8 @@ pub enum ArtifactAction {
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ArtifactPlan {
     pub kind: ArtifactKind,
+    /// Where the manifest pins it, e.g. `upgrade[0].binary."linux/amd64"`.
+    pub key: ManifestKey,
     pub url: String,
     pub sha256: String,
     /// For archives: the member to install.
@@ -174,6 +176,89 @@ impl Plan {
     }
 }
 
+/// A key of the manifest as a path from its top, e.g. `upgrade[2].binary."linux/amd64".url`
+/// (upgrades counted from 0 in the file's order): where a finding belongs, so annotations can
+/// point at the manifest's line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ManifestKey(Vec<KeyPart>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyPart {
+    Key(String),
+    Index(usize),
+}
+
+impl ManifestKey {
+    /// `genesis`, or `upgrade[i]` for the manifest's i-th upgrade.
+    pub fn stage(upgrade: Option<usize>) -> Self {
+        match upgrade {
+            None => ManifestKey(vec![KeyPart::Key("genesis".into())]),
+            Some(i) => ManifestKey(vec![KeyPart::Key("upgrade".into()), KeyPart::Index(i)]),
+        }
+    }
+
+    /// This key's child `name`.
+    pub fn key(&self, name: &str) -> Self {
+        let mut parts = self.0.clone();
+        parts.push(KeyPart::Key(name.to_string()));
+        ManifestKey(parts)
+    }
+
+    /// This array's item `i`.
+    pub fn index(&self, i: usize) -> Self {
+        let mut parts = self.0.clone();
+        parts.push(KeyPart::Index(i));
+        ManifestKey(parts)
+    }
+
+    pub fn parts(&self) -> &[KeyPart] {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ManifestKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, part) in self.0.iter().enumerate() {
+            match part {
+                KeyPart::Index(n) => write!(f, "[{n}]")?,
+                KeyPart::Key(k) => {
+                    if i > 0 {
+                        f.write_str(".")?;
+                    }
+                    let bare = !k.is_empty()
+                        && k.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    if bare {
+                        f.write_str(k)?;
+                    } else {
+                        write!(f, "{k:?}")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for ManifestKey {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl JsonSchema for ManifestKey {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ManifestKey".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A key of the manifest as a path from its top, upgrades counted from 0: `upgrade[2].binary.\"linux/amd64\"`.",
+            "type": "string"
+        })
+    }
+}
+
 /// Everything the plan needs besides the manifest and the tree.
 #[derive(Debug, Clone)]
 pub struct PlanInput {
@@ -207,6 +292,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
     let empty = StageDir::default();
 
     let stages = std::iter::once((
+        ManifestKey::stage(None),
         "genesis".to_string(),
         tree::GENESIS.to_string(),
         None,
@@ -214,8 +300,9 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
         &manifest.genesis.binary,
         &manifest.genesis.library,
     ))
-    .chain(manifest.upgrades.iter().map(|u| {
+    .chain(manifest.upgrades.iter().enumerate().map(|(i, u)| {
         (
+            ManifestKey::stage(Some(i)),
             u.name.clone(),
             tree::upgrade_dir(&u.name, input.recase),
             u.height,
@@ -226,20 +313,21 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
     }));
 
     let mut upgrades = Vec::new();
-    for (name, dir, height, version, binary, library) in stages {
+    for (key, name, dir, height, version, binary, library) in stages {
         let on_disk = tree.stages.get(&dir).unwrap_or(&empty);
         let mut artifacts = Vec::new();
         if let Some(artifact) = binary.get(platform) {
             let rel = format!("bin/{daemon}");
             artifacts.push(artifact_plan(
                 ArtifactKind::Binary,
+                key.key("binary").key(platform),
                 artifact,
                 &dir,
                 &rel,
                 on_disk,
             ));
         }
-        for lib in library.get(platform).into_iter().flatten() {
+        for (i, lib) in library.get(platform).into_iter().flatten().enumerate() {
             let as_artifact = Artifact {
                 url: lib.url.clone(),
                 sha256: lib.sha256.clone(),
@@ -248,6 +336,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
             let rel = format!("lib/{}", lib.file_name());
             artifacts.push(artifact_plan(
                 ArtifactKind::Library,
+                key.key("library").key(platform).index(i),
                 &as_artifact,
                 &dir,
                 &rel,
@@ -347,6 +436,7 @@ fn archive_by_name(url: &str) -> bool {
 
 fn artifact_plan(
     kind: ArtifactKind,
+    key: ManifestKey,
     artifact: &Artifact,
     dir: &str,
     rel: &str,
@@ -409,6 +499,7 @@ fn artifact_plan(
     };
     ArtifactPlan {
         kind,
+        key,
         url: artifact.url.clone(),
         sha256: artifact.sha256.clone(),
         member: artifact.path.clone(),

@@ -555,3 +555,234 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     }
     message
 }
+
+/// GitHub Actions workflow commands (`::error file=F,line=L,col=C,title=T::message`), one per
+/// line: the runner turns each into an annotation on that line of the pull request. A third
+/// renderer of the same values: manifest problems, and the plan's `--verify-remote` failures,
+/// drift and will-it-run findings, each placed at the manifest key it carries.
+pub mod github {
+    use std::fmt::Write as _;
+    use std::ops::Range;
+
+    use toml::Spanned;
+    use toml::de::{DeTable, DeValue};
+
+    use crate::drift::Severity;
+    use crate::manifest::Problem;
+    use crate::plan::{KeyPart, ManifestKey, Plan};
+
+    /// The manifest as written, to find the line of a key.
+    pub struct Manifest<'s> {
+        /// The path the annotations name: relative to the repository's root for GitHub to place
+        /// them on the pull request's files.
+        pub file: &'s str,
+        source: &'s str,
+        root: Option<Spanned<DeTable<'s>>>,
+    }
+
+    impl<'s> Manifest<'s> {
+        pub fn new(file: &'s str, source: &'s str) -> Self {
+            Manifest {
+                file,
+                source,
+                root: DeTable::parse(source).ok(),
+            }
+        }
+
+        /// 1-based line and column of `key`, or of the deepest part of it that is written.
+        fn locate(&self, key: &ManifestKey) -> Option<(usize, usize)> {
+            let root = self.root.as_ref()?;
+            let mut found: Option<Range<usize>> = None;
+            let mut value: Option<&Spanned<DeValue<'s>>> = None;
+            for part in key.parts() {
+                match part {
+                    KeyPart::Key(name) => {
+                        let table = match value.map(Spanned::get_ref) {
+                            None => root.get_ref(),
+                            Some(DeValue::Table(t)) => t,
+                            Some(_) => break,
+                        };
+                        let Some((k, v)) = table.iter().find(|(k, _)| k.get_ref() == name) else {
+                            break;
+                        };
+                        found = Some(k.span());
+                        value = Some(v);
+                    }
+                    KeyPart::Index(i) => {
+                        let Some(DeValue::Array(items)) = value.map(Spanned::get_ref) else {
+                            break;
+                        };
+                        let Some(item) = items.get(*i) else { break };
+                        found = Some(item.span());
+                        value = Some(item);
+                    }
+                }
+            }
+            let start = found?.start.min(self.source.len());
+            let line_start = self.source[..start].rfind('\n').map_or(0, |i| i + 1);
+            let line = self.source[..start].matches('\n').count() + 1;
+            Some((line, self.source[line_start..start].chars().count() + 1))
+        }
+    }
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Level {
+        Error,
+        Warning,
+    }
+
+    /// One workflow command.
+    fn command(
+        out: &mut String,
+        level: Level,
+        file: &str,
+        at: Option<(usize, usize)>,
+        title: &str,
+        message: &str,
+    ) {
+        let level = match level {
+            Level::Error => "error",
+            Level::Warning => "warning",
+        };
+        let _ = write!(out, "::{level} file={}", property(file));
+        if let Some((line, col)) = at {
+            let _ = write!(out, ",line={line},col={col}");
+        }
+        let _ = writeln!(out, ",title={}::{}", property(title), data(message));
+    }
+
+    /// A message: `%`, CR and LF escaped as the runner expects.
+    fn data(text: &str) -> String {
+        text.replace('%', "%25")
+            .replace('\r', "%0D")
+            .replace('\n', "%0A")
+    }
+
+    /// A property value: as a message, and `:` and `,` too.
+    fn property(text: &str) -> String {
+        data(text).replace(':', "%3A").replace(',', "%2C")
+    }
+
+    /// Manifest problems (validation errors or warnings), at their own line and column.
+    pub fn problems(file: &str, problems: &[Problem], level: Level) -> String {
+        let mut out = String::new();
+        for p in problems {
+            let title = if p.key.is_empty() {
+                "cvx: manifest".to_string()
+            } else {
+                format!("cvx: {}", p.key)
+            };
+            let mut message = p.message.clone();
+            if let Some(hint) = &p.hint {
+                message.push_str("\nhint: ");
+                message.push_str(hint);
+            }
+            command(
+                &mut out,
+                level,
+                file,
+                Some((p.line, p.column)),
+                &title,
+                &message,
+            );
+        }
+        out
+    }
+
+    /// An error that left no plan (unusable tree, unreachable node, ...), on the manifest.
+    pub fn error(file: &str, message: &str) -> String {
+        let mut out = String::new();
+        command(&mut out, Level::Error, file, None, "cvx plan", message);
+        out
+    }
+
+    /// What the plan found that deserves a line of its own: pins the URL no longer serves
+    /// (`--verify-remote`), drift from the chain (`--node`), binaries that will not run here.
+    pub fn plan(manifest: &Manifest<'_>, plan: &Plan) -> String {
+        let mut out = String::new();
+        let file = manifest.file;
+        for r in plan.remote.iter().filter(|r| !r.ok) {
+            let error = r.error.as_deref().unwrap_or("failed");
+            for (used_by, key) in r.used_by.iter().zip(&r.keys) {
+                command(
+                    &mut out,
+                    Level::Error,
+                    file,
+                    manifest.locate(&key.key("url")),
+                    "cvx plan --verify-remote",
+                    &format!("{used_by}: {}: {error}", r.url),
+                );
+            }
+        }
+        if let Some(drift) = &plan.drift {
+            for f in &drift.findings {
+                let (level, title) = match f.severity {
+                    Severity::Error => (Level::Error, "cvx plan --node: drift"),
+                    Severity::Warning => (Level::Warning, "cvx plan --node: stale"),
+                };
+                let at = f.key.as_ref().and_then(|k| manifest.locate(k));
+                command(
+                    &mut out,
+                    level,
+                    file,
+                    at,
+                    title,
+                    &format!("upgrade {}: {}", f.upgrade, f.message),
+                );
+            }
+        }
+        for r in &plan.runnable {
+            for f in &r.findings {
+                command(
+                    &mut out,
+                    Level::Warning,
+                    file,
+                    manifest.locate(&r.key),
+                    &format!("cvx plan: will it run here ({})", f.check),
+                    &format!("{}: {}", r.destination, f.message),
+                );
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn messages_and_properties_are_escaped() {
+            assert_eq!(data("50% done\r\nnext"), "50%25 done%0D%0Anext");
+            assert_eq!(property("a:b,c%"), "a%3Ab%2Cc%25");
+        }
+
+        #[test]
+        fn keys_are_found_where_they_are_written() {
+            let source = "[chain]\nid = \"x\"\n\n[genesis]\nbinary.\"linux/amd64\" = { url = \"https://e.org/a\", sha256 = \"\" }\n\n[[upgrade]]\nname = \"v2\"\n\n[[upgrade]]\n  name = \"v3\"\n  height = 7\n  library.\"linux/amd64\" = [ { url = \"https://e.org/l\" }, { url = \"https://e.org/m\" } ]\n";
+            let m = Manifest::new("cvx.toml", source);
+            let at = |key: ManifestKey| m.locate(&key);
+            let second = ManifestKey::stage(Some(1));
+            assert_eq!(at(second.key("height")), Some((12, 3)));
+            assert_eq!(at(second.key("name")), Some((11, 3)));
+            assert_eq!(
+                at(ManifestKey::stage(None)
+                    .key("binary")
+                    .key("linux/amd64")
+                    .key("url")),
+                Some((5, 26))
+            );
+            assert_eq!(
+                at(second.key("library").key("linux/amd64").index(1).key("url")),
+                Some((13, 60))
+            );
+            // Not written (the first upgrade has no height): the deepest part that is.
+            assert_eq!(
+                at(ManifestKey::stage(Some(0)).key("height")),
+                at(ManifestKey::stage(Some(0)))
+            );
+            assert!(at(ManifestKey::stage(Some(0))).is_some());
+            let no_upgrades = Manifest::new("cvx.toml", "[chain]\nid = \"x\"\n");
+            assert_eq!(no_upgrades.locate(&ManifestKey::stage(Some(0))), None);
+        }
+    }
+}

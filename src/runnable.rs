@@ -10,11 +10,16 @@
 //! - `glibc`: the highest `GLIBC_x.y` symbol version it (or a library of its `lib/`) needs is at
 //!   most the host's glibc.
 //! - `executable`: the file has an execute bit.
-//! - `version`: where the manifest declares a version and nothing above failed, `<binary>
-//!   version` (the upgrade's `lib/` on `LD_LIBRARY_PATH`, stdin closed, no proxy variables, a
-//!   timeout) prints that version, a leading `v` ignored on both sides.
+//! - `version`: only when asked ([`Execute::Version`]: `plan --run-version`, and `apply` after
+//!   staging), where the manifest declares a version and nothing above failed: `<binary> version`
+//!   prints that version, a leading `v` ignored on both sides. It runs with an environment
+//!   cleared to `PATH`, `LD_LIBRARY_PATH` (the upgrade's `lib/`), and `HOME`, `TMPDIR` and the
+//!   working directory all a temp dir removed afterwards (a daemon may write its config under
+//!   `$HOME`); stdin closed; killed with its process group after a timeout.
 //!
-//! Plan shows the findings as warnings; `apply --strict` fails on them. Nothing here writes.
+//! Everything but `version` only reads files: plain `plan` never executes what it finds in the
+//! tree, which in CI may come from an untrusted pull request (DESIGN §4). Plan shows the findings
+//! as warnings; `apply --strict` fails on them. Nothing here writes outside its temp dir.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -33,7 +38,7 @@ use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::apply::{Report, Status};
-use crate::plan::{ArtifactKind, ArtifactState, Plan};
+use crate::plan::{ArtifactKind, ArtifactState, ManifestKey, Plan};
 use crate::tree::Layout;
 
 /// How long `<binary> version` may take before it is killed.
@@ -42,19 +47,17 @@ pub const VERSION_TIMEOUT: Duration = Duration::from_secs(5);
 /// Binaries checked at once (each may start a daemon's `version`).
 const WORKERS: usize = 4;
 
-/// Environment variables that route traffic through a proxy: removed for `version`.
-const PROXY_VARS: &[&str] = &[
-    "http_proxy",
-    "https_proxy",
-    "ftp_proxy",
-    "all_proxy",
-    "no_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "FTP_PROXY",
-    "ALL_PROXY",
-    "NO_PROXY",
-];
+/// `PATH` for `version`: the system's directories only (a `#!/usr/bin/env sh` script needs one).
+const VERSION_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Whether the checks may execute the staged binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Execute {
+    /// Read the files only: `plan` by default.
+    Nothing,
+    /// Also run `<binary> version` where the manifest declares a version.
+    Version,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -107,6 +110,8 @@ impl Finding {
 pub struct RunnableCheck {
     /// Relative to `$DAEMON_HOME/cosmovisor`, e.g. `upgrades/v26/bin/osmosisd`.
     pub destination: String,
+    /// Where the manifest pins it.
+    pub key: ManifestKey,
     pub findings: Vec<Finding>,
 }
 
@@ -846,25 +851,28 @@ enum Ran {
     TimedOut,
 }
 
-/// `<binary> version` in its own process group: stdin closed, the stage's `lib/` on
-/// `LD_LIBRARY_PATH`, no proxy variables (no network is best-effort), killed with everything it
-/// started after `timeout`.
+/// `<binary> version` in its own process group: stdin closed, an environment of `PATH`, the
+/// stage's `lib/` on `LD_LIBRARY_PATH`, and `HOME`, `TMPDIR` and the working directory a temp dir
+/// removed afterwards (no proxy, no credentials, no real home to write config into); killed with
+/// everything it started after `timeout`.
 fn run_version(binary: &Path, stage_lib: &Path, timeout: Duration) -> io::Result<Ran> {
+    let home = tempfile::Builder::new()
+        .prefix("cvx-version-home-")
+        .tempdir()?;
     let mut output = tempfile::tempfile()?;
     let mut command = Command::new(binary);
     command
         .arg("version")
+        .env_clear()
+        .env("PATH", VERSION_PATH)
+        .env("HOME", home.path())
+        .env("TMPDIR", home.path())
+        .env("LD_LIBRARY_PATH", stage_lib)
+        .current_dir(home.path())
         .stdin(Stdio::null())
         .stdout(output.try_clone()?)
         .stderr(output.try_clone()?)
-        .env("LD_LIBRARY_PATH", stage_lib)
         .process_group(0);
-    for var in PROXY_VARS {
-        command.env_remove(var);
-    }
-    if let Some(stage) = stage_lib.parent().filter(|d| d.is_dir()) {
-        command.current_dir(stage);
-    }
     let mut child = command.spawn()?;
     let start = Instant::now();
     let status = loop {
@@ -899,13 +907,14 @@ fn run_version(binary: &Path, stage_lib: &Path, timeout: Duration) -> io::Result
 /// One binary to check.
 struct Target {
     destination: String,
+    key: ManifestKey,
     path: PathBuf,
     stage_lib: PathBuf,
     version: Option<String>,
 }
 
 /// Check `targets` a few at a time; the ones with findings, in order.
-fn check_all(targets: Vec<Target>) -> Vec<RunnableCheck> {
+fn check_all(targets: Vec<Target>, execute: Execute) -> Vec<RunnableCheck> {
     if targets.is_empty() {
         return Vec::new();
     }
@@ -919,7 +928,11 @@ fn check_all(targets: Vec<Target>) -> Vec<RunnableCheck> {
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some(t) = targets.get(i) else { break };
-                    let findings = check(&t.path, &t.stage_lib, t.version.as_deref(), &host);
+                    let version = match execute {
+                        Execute::Version => t.version.as_deref(),
+                        Execute::Nothing => None,
+                    };
+                    let findings = check(&t.path, &t.stage_lib, version, &host);
                     *results[i].lock().expect("no worker panics") = findings;
                 }
             });
@@ -932,6 +945,7 @@ fn check_all(targets: Vec<Target>) -> Vec<RunnableCheck> {
             let findings = r.into_inner().expect("no worker panics");
             (!findings.is_empty()).then_some(RunnableCheck {
                 destination: t.destination,
+                key: t.key,
                 findings,
             })
         })
@@ -947,7 +961,7 @@ fn targets(
     if plan.platform != crate::cli::host_platform() {
         return Vec::new();
     }
-    // Absolute: `version` runs in the stage's directory, with its lib/ on LD_LIBRARY_PATH.
+    // Absolute: `version` runs in a temp dir, with the stage's lib/ on LD_LIBRARY_PATH.
     let root = std::path::absolute(layout.root()).unwrap_or_else(|_| layout.root());
     plan.upgrades
         .iter()
@@ -958,6 +972,7 @@ fn targets(
                 .filter(|a| a.kind == ArtifactKind::Binary && keep(a))
                 .map(|a| Target {
                     destination: a.destination.clone(),
+                    key: a.key.clone(),
                     path: root.join(&a.destination),
                     stage_lib: root.join(&stage.dir).join("lib"),
                     version: stage.version.clone(),
@@ -968,19 +983,21 @@ fn targets(
 }
 
 /// For `cvx plan`: every binary of the host's platform that is staged and verified (state `ok`),
-/// when the plan is for this host.
-pub fn check_plan(plan: &Plan) -> Vec<RunnableCheck> {
+/// when the plan is for this host. `version` runs only with [`Execute::Version`]
+/// (`--run-version`): by default nothing found in the tree is executed.
+pub fn check_plan(plan: &Plan, execute: Execute) -> Vec<RunnableCheck> {
     let Some(home) = &plan.home else {
         return Vec::new();
     };
-    check_all(targets(plan, &Layout::new(home), |a| {
-        a.state == ArtifactState::Ok
-    }))
+    check_all(
+        targets(plan, &Layout::new(home), |a| a.state == ArtifactState::Ok),
+        execute,
+    )
 }
 
-/// For `cvx apply`: every binary now in place (unchanged or staged by this run). The findings
-/// are logged as warnings; with `strict` as errors, and they make the report fail (the files
-/// stay staged: they are the verified bytes).
+/// For `cvx apply`: every binary now in place (unchanged or staged by this run), `version`
+/// included: the host asked for these bytes. The findings are logged as warnings; with `strict`
+/// as errors, and they make the report fail (the files stay staged: they are the verified bytes).
 pub fn after_apply(report: &mut Report, plan: &Plan, layout: &Layout, strict: bool) {
     let in_place = |a: &crate::plan::ArtifactPlan| {
         report.actions.iter().any(|action| {
@@ -988,7 +1005,7 @@ pub fn after_apply(report: &mut Report, plan: &Plan, layout: &Layout, strict: bo
                 && matches!(action.status, Status::Changed | Status::Unchanged)
         })
     };
-    let checks = check_all(targets(plan, layout, in_place));
+    let checks = check_all(targets(plan, layout, in_place), Execute::Version);
     if checks.is_empty() {
         return;
     }

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::apply::fetch;
 use crate::manifest::Manifest;
+use crate::plan::ManifestKey;
 use crate::render::error_chain;
 
 /// One URL checked against its pin.
@@ -17,6 +18,8 @@ pub struct RemoteCheck {
     pub sha256: String,
     /// Where the manifest uses it: `genesis linux/amd64 binary`, `upgrade v26 linux/arm64 library`.
     pub used_by: Vec<String>,
+    /// The same places as manifest keys, in the same order: `upgrade[0].binary."linux/arm64"`.
+    pub keys: Vec<ManifestKey>,
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http_status: Option<u16>,
@@ -31,30 +34,39 @@ pub struct RemoteCheck {
 }
 
 /// Every (url, sha256) the manifest pins, for every platform, with where it is used.
-fn artifacts(manifest: &Manifest) -> BTreeMap<(String, String), Vec<String>> {
-    let mut all: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+fn artifacts(manifest: &Manifest) -> BTreeMap<(String, String), Vec<(String, ManifestKey)>> {
+    let mut all: BTreeMap<(String, String), Vec<(String, ManifestKey)>> = BTreeMap::new();
     let stages = std::iter::once((
         "genesis".to_string(),
+        ManifestKey::stage(None),
         &manifest.genesis.binary,
         &manifest.genesis.library,
     ))
-    .chain(
-        manifest
-            .upgrades
-            .iter()
-            .map(|u| (format!("upgrade {}", u.name), &u.binary, &u.library)),
-    );
-    for (stage, binaries, libraries) in stages {
+    .chain(manifest.upgrades.iter().enumerate().map(|(i, u)| {
+        (
+            format!("upgrade {}", u.name),
+            ManifestKey::stage(Some(i)),
+            &u.binary,
+            &u.library,
+        )
+    }));
+    for (stage, key, binaries, libraries) in stages {
         for (platform, a) in binaries {
             all.entry((a.url.clone(), a.sha256.clone()))
                 .or_default()
-                .push(format!("{stage} {platform} binary"));
+                .push((
+                    format!("{stage} {platform} binary"),
+                    key.key("binary").key(platform),
+                ));
         }
         for (platform, libs) in libraries {
-            for l in libs {
+            for (i, l) in libs.iter().enumerate() {
                 all.entry((l.url.clone(), l.sha256.clone()))
                     .or_default()
-                    .push(format!("{stage} {platform} library"));
+                    .push((
+                        format!("{stage} {platform} library"),
+                        key.key("library").key(platform).index(i),
+                    ));
             }
         }
     }
@@ -73,8 +85,9 @@ pub async fn verify_remote(
     Ok(artifacts
         .into_iter()
         .zip(digests)
-        .map(|(((url, sha256), used_by), (result, elapsed))| {
+        .map(|(((url, sha256), uses), (result, elapsed))| {
             let millis = elapsed.as_millis() as u64;
+            let (used_by, keys) = uses.into_iter().unzip();
             match result {
                 Ok(d) => RemoteCheck {
                     ok: d.sha256 == sha256,
@@ -87,6 +100,7 @@ pub async fn verify_remote(
                     url,
                     sha256,
                     used_by,
+                    keys,
                     millis,
                 },
                 Err(e) => RemoteCheck {
@@ -101,6 +115,7 @@ pub async fn verify_remote(
                     url,
                     sha256,
                     used_by,
+                    keys,
                     millis,
                 },
             }

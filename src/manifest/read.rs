@@ -722,10 +722,18 @@ impl<'s> Walker<'s> {
             table,
             at,
             "sha256",
-            Some("pin the artifact: sha256 = \"<64 hex digits>\" (sha256sum FILE)"),
+            Some("pin the artifact: run `cvx pin -m MANIFEST` (it downloads the artifact and pins what it serves), or write sha256 = \"<64 hex digits>\" (sha256sum FILE)"),
         )?;
         if sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()) {
             Some(sha.to_ascii_lowercase())
+        } else if sha.is_empty() {
+            self.error(
+                span,
+                &at.child("sha256", 0..0).key,
+                "sha256 is empty: the artifact is not pinned",
+                Some("run `cvx pin -m MANIFEST`: it downloads the artifact and pins what it serves (compare it with the release's checksums), or paste the digest that `sha256sum FILE` prints".into()),
+            );
+            None
         } else {
             self.error(
                 span,

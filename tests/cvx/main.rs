@@ -3,13 +3,16 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod annotations;
 mod ansible;
 mod apply;
+mod ci;
 mod ctx;
 mod demo;
 mod drift;
 mod examples;
 mod import;
+mod import_quirks;
 mod manifest;
 mod plan;
 mod run;

@@ -214,6 +214,20 @@ fn sha256_must_be_64_hex_digits() {
 }
 
 #[test]
+fn an_empty_or_absent_sha256_points_at_cvx_pin() {
+    // As `cvx import` writes an artifact the registry gives no checksum for.
+    let err = invalid(&replace(SHA_B, ""));
+    assert_has(
+        &err,
+        "cvx.toml:9:78: genesis.binary.\"linux/arm64\".sha256: sha256 is empty: the artifact is not pinned",
+    );
+    assert_has(&err, "hint: run `cvx pin -m MANIFEST`");
+    let err = invalid(&replace(&format!(", sha256 = \"{SHA_B}\""), ""));
+    assert_has(&err, "missing required key `sha256`");
+    assert_has(&err, "hint: pin the artifact: run `cvx pin -m MANIFEST`");
+}
+
+#[test]
 fn every_upgrade_is_pinned_for_every_platform() {
     let err = invalid(&replace(
         &format!(

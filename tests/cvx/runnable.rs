@@ -1,10 +1,12 @@
 //! Will it run here: the ELF checks on real ELF files (from the build, from the system, compiled
 //! here with `cc`) and on crafted ones (another machine, a missing library, a glibc from the
-//! future), the `version` check on scripts, and `apply --strict`.
+//! future), the `version` check on scripts (only with `plan --run-version`, and in apply, with a
+//! cleared environment), and `apply --strict`.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command as StdCommand;
 use std::time::{Duration, Instant};
 
@@ -117,8 +119,9 @@ fn setup(ctx: &Ctx, stages: &[Stage], extra_platform: Option<&str>) {
     ctx.manifest(&text);
 }
 
+/// `cvx plan --json --run-version`: every check, `version` included.
 fn plan_json(ctx: &Ctx) -> Value {
-    let (stdout, _) = run(ctx.plan().arg("--json"), 0);
+    let (stdout, _) = run(ctx.plan().args(["--json", "--run-version"]), 0);
     serde_json::from_str(&stdout).unwrap()
 }
 
@@ -257,7 +260,7 @@ fn a_real_elf_from_the_build_runs_here() {
     let plan = plan_json(&ctx);
     assert_eq!(plan["upgrades"][0]["artifacts"][0]["state"], "ok");
     assert!(plan.get("runnable").is_none(), "{:#}", plan["runnable"]);
-    let (human, _) = run(&mut ctx.plan(), 0);
+    let (human, _) = run(ctx.plan().arg("--run-version"), 0);
     assert!(!human.contains("warning:"), "{human}");
 
     // The same binary declaring another version: it ran, and said otherwise.
@@ -612,4 +615,177 @@ fn apply_strict_fails_on_a_binary_that_will_not_run_here() {
     let mut cmd = ok.cvx();
     cmd.args(["apply", "--strict", "--home"]).arg(&ok.home);
     run(&mut cmd, 0);
+}
+
+/// A staged, pinned script that records that it ran, with its environment and working directory,
+/// and writes "config" under its `$HOME` as a daemon's first run may.
+fn recorder(marker: &Path) -> Vec<u8> {
+    format!(
+        "#!/bin/sh\nenv > '{m}.env'\npwd > '{m}.pwd'\nmkdir -p \"$HOME/.simd/config\" && touch \"$HOME/.simd/config/app.toml\"\necho v1.0.0\n",
+        m = marker.display()
+    )
+    .into_bytes()
+}
+
+/// The variables the recorder saw, without those the shell sets itself.
+fn recorded_env(marker: &Path) -> BTreeMap<String, String> {
+    fs::read_to_string(format!("{}.env", marker.display()))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter(|(k, _)| !["PWD", "SHLVL", "_", "OLDPWD"].contains(k))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn plan_executes_nothing_from_the_tree_unless_asked() {
+    // A pull request's manifest naming its own tree as chain.home, with a script pinned and
+    // staged there as the daemon: plain `plan`, as CI runs it, must not execute it.
+    let ctx = Ctx::new();
+    let marker = ctx.path("ran");
+    let script = recorder(&marker);
+    let tree = ctx.path("tree");
+    let staged = tree.join("cosmovisor/genesis/bin/simd");
+    fs::create_dir_all(staged.parent().unwrap()).unwrap();
+    fs::write(&staged, &script).unwrap();
+    fs::set_permissions(&staged, fs::Permissions::from_mode(0o755)).unwrap();
+    ctx.manifest(&format!(
+        "[chain]\nid = \"evil-1\"\ndaemon = \"simd\"\nhome = \"{}\"\n\n[genesis]\nversion = \"v9.9.9\"\nbinary.\"{}\" = {{ url = \"https://example.org/simd\", sha256 = \"{}\" }}\n",
+        tree.display(),
+        platform(),
+        sha256(&script)
+    ));
+    let real_home = ctx.path("real-home");
+    fs::create_dir_all(&real_home).unwrap();
+    let plan = |extra: &[&str], code: i32| {
+        let mut cmd = ctx.cvx();
+        cmd.arg("plan")
+            .args(extra)
+            .env("HOME", &real_home)
+            .env("CVX_TEST_SECRET", "hunter2")
+            .env("https_proxy", "http://127.0.0.1:9");
+        run(&mut cmd, code)
+    };
+    let ran = PathBuf::from(format!("{}.env", marker.display()));
+    for extra in [
+        &[][..],
+        &["--json"],
+        &["--verify", "--detailed-exitcode"],
+        &["--annotations", "github"],
+    ] {
+        let (stdout, _) = plan(
+            extra,
+            if extra.contains(&"--detailed-exitcode") {
+                2
+            } else {
+                0
+            },
+        );
+        assert!(!ran.exists(), "plan {extra:?} executed the staged script");
+        if extra == ["--json"] {
+            let plan: Value = serde_json::from_str(&stdout).unwrap();
+            // Staged and verified, so a host would check it; its version was not asked for.
+            assert_eq!(plan["upgrades"][0]["artifacts"][0]["state"], "ok");
+            assert!(plan.get("runnable").is_none(), "{plan:#}");
+        }
+    }
+
+    // --run-version runs it, as apply would on a host: in a temp dir that is its HOME, with an
+    // environment of PATH and LD_LIBRARY_PATH only; the version it prints is compared.
+    let (stdout, _) = plan(&["--json", "--run-version"], 0);
+    let plan: Value = serde_json::from_str(&stdout).unwrap();
+    let found = findings(&plan, "genesis/bin/simd");
+    assert_eq!(
+        found,
+        [(
+            "version".to_string(),
+            "`simd version` printed \"v1.0.0\"; the manifest declares v9.9.9".to_string()
+        )]
+    );
+    let env = recorded_env(&marker);
+    let keys: Vec<&str> = env.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["HOME", "LD_LIBRARY_PATH", "PATH", "TMPDIR"],
+        "{env:?}"
+    );
+    let home = Path::new(&env["HOME"]);
+    assert_eq!(env["TMPDIR"], env["HOME"]);
+    assert_eq!(
+        fs::read_to_string(format!("{}.pwd", marker.display()))
+            .unwrap()
+            .trim(),
+        env["HOME"]
+    );
+    assert!(
+        home.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("cvx-version-home-")
+    );
+    assert!(
+        !home.exists(),
+        "the temp HOME {} was left behind",
+        home.display()
+    );
+    assert_eq!(
+        PathBuf::from(&env["LD_LIBRARY_PATH"]),
+        std::path::absolute(tree.join("cosmovisor/genesis/lib")).unwrap()
+    );
+    assert_eq!(fs::read_dir(&real_home).unwrap().count(), 0);
+}
+
+#[test]
+fn apply_runs_version_after_staging_with_a_cleared_environment() {
+    let ctx = Ctx::new();
+    let marker = ctx.path("ran");
+    setup(
+        &ctx,
+        &[Stage::new("genesis", recorder(&marker))
+            .version("v1.0.0")
+            .unstaged()],
+        None,
+    );
+    let real_home = ctx.path("real-home");
+    fs::create_dir_all(&real_home).unwrap();
+    let mut cmd = ctx.cvx();
+    cmd.args(["apply", "--strict", "--home"])
+        .arg(&ctx.home)
+        .env("HOME", &real_home)
+        .env("CVX_TEST_SECRET", "hunter2");
+    let (_, stderr) = run(&mut cmd, 0);
+    assert!(!stderr.contains("(version)"), "{stderr}");
+    let env = recorded_env(&marker);
+    assert!(!env.contains_key("CVX_TEST_SECRET"), "{env:?}");
+    assert!(env["HOME"].contains("cvx-version-home-"), "{env:?}");
+    assert!(!Path::new(&env["HOME"]).exists());
+    assert_eq!(fs::read_dir(&real_home).unwrap().count(), 0);
+}
+
+#[test]
+fn warnings_carry_no_colour_codes_off_a_terminal() {
+    let ctx = Ctx::new();
+    let (machine, _) = foreign_machine();
+    setup(
+        &ctx,
+        &[Stage::new(
+            "genesis",
+            with_machine(fs::read("/bin/true").unwrap(), machine),
+        )
+        .unstaged()],
+        None,
+    );
+    let mut cmd = ctx.cvx();
+    // NO_COLOR unset: only the pipe says "no colour".
+    cmd.env_remove("NO_COLOR")
+        .args(["apply", "--home"])
+        .arg(&ctx.home);
+    let (_, stderr) = run(&mut cmd, 0);
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(stderr.contains("genesis/bin/simd (arch)"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes on a pipe: {stderr:?}"
+    );
 }
