@@ -73,7 +73,8 @@ pub struct Record {
     pub bytes_linked: u64,
     pub files_linked: u64,
     pub millis: u64,
-    /// When the backup completed, in nanoseconds since the Unix epoch.
+    /// When the backup completed, on the file system's clock, in nanoseconds since the Unix
+    /// epoch: every file in it is older.
     pub finished_at_ns: i128,
 }
 
@@ -94,7 +95,7 @@ impl Record {
                     if let Some(found) = walk(&entry.path(), limit)? {
                         return Ok(Some(found));
                     }
-                } else if meta.is_file() && mtime_ns(&meta) > limit {
+                } else if meta.is_file() && mtime_ns(&meta) >= limit {
                     return Ok(Some(entry.path()));
                 }
             }
@@ -108,10 +109,22 @@ fn mtime_ns(meta: &fs::Metadata) -> i128 {
     i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
 
-fn now_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128)
+/// A time on the file system's own clock that is later than `newest` (the newest mtime in the
+/// backup). File times come from a coarse clock (a few ms per tick) behind the real one, so the
+/// time of a write just after the backup can equal the backup's last write: waiting for the next
+/// tick lets "changed after completion" be `mtime >= finished`, exactly.
+fn fs_clock_after(dir: &Path, newest: i128) -> io::Result<i128> {
+    let stamp = dir.join(format!(".cvx-clock-{}", std::process::id()));
+    let result = loop {
+        let file = File::create(&stamp)?;
+        let now = mtime_ns(&file.metadata()?);
+        if now > newest {
+            break Ok(now);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let _ = fs::remove_file(&stamp);
+    result
 }
 
 /// Where the record of the backup taken before `plan` lives: one file per plan (name and height).
@@ -211,6 +224,8 @@ pub fn backup(
             }
         });
     }
+    let finished_at_ns = fs_clock_after(backup_dir, copier.newest_ns)
+        .map_err(io_err("read the file system's clock in", backup_dir))?;
     let record = Record {
         upgrade: plan.name.clone(),
         height: plan.height,
@@ -221,7 +236,7 @@ pub fn backup(
         bytes_linked: copier.bytes_linked,
         files_linked: copier.files_linked,
         millis: started.elapsed().as_millis() as u64,
-        finished_at_ns: now_ns(),
+        finished_at_ns,
     };
     write_record(&record_path(layout, plan, recase), &record)?;
     Ok(record)
@@ -347,6 +362,8 @@ struct Copier<'a> {
     files_copied: u64,
     bytes_linked: u64,
     files_linked: u64,
+    /// The newest mtime of anything written or linked into the copy.
+    newest_ns: i128,
 }
 
 impl<'a> Copier<'a> {
@@ -362,6 +379,7 @@ impl<'a> Copier<'a> {
             files_copied: 0,
             bytes_linked: 0,
             files_linked: 0,
+            newest_ns: 0,
         }
     }
 
@@ -420,6 +438,7 @@ impl<'a> Copier<'a> {
             if is_table(name, in_database) && self.share(from, to, &meta)? {
                 self.bytes_linked += meta.len();
                 self.files_linked += 1;
+                self.newest_ns = self.newest_ns.max(mtime_ns(&fs::metadata(to)?));
                 return Ok(());
             }
             self.copy_file(from, to, &meta)
@@ -483,6 +502,7 @@ impl<'a> Copier<'a> {
         }
         out.flush()?;
         out.sync_all()?;
+        self.newest_ns = self.newest_ns.max(mtime_ns(&out.metadata()?));
         self.files_copied += 1;
         Ok(())
     }

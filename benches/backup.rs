@@ -1,0 +1,266 @@
+//! The upgrade with backups on (DESIGN §5.2; README "Performance"): time from
+//! `data/upgrade-info.json` written to the new daemon's exec, beside `cp -a` of the same `data/`.
+//!
+//! Run with `scripts/bench-backup`. For each size (1 GiB and 2 GiB by default), a home is made
+//! with an LSM-shaped `data/`: `application.db/` holding `CURRENT`, a 1 MiB `MANIFEST-000001`,
+//! 2 MiB table files (`*.ldb`) up to the size, a 4 MiB write-ahead log and a `LOG`; plus
+//! `cs.wal/wal` (1 MiB) and `priv_validator_state.json`. Then, ROUNDS times each:
+//! - cvx: one `cvx run start` (release build) supervises simnode, which halts for v2 at height 3;
+//!   cvx backs up `data/` (UNSAFE_SKIP_BACKUP=false, DAEMON_DATA_BACKUP_DIR on the same file
+//!   system), switches and starts v2. Latency = mtime of upgrade-info.json -> v2's exec (stamped
+//!   by its wrapper's `date +%s%N`), as in benches/run.rs.
+//! - `cp -a data <copy>` of the same directory, timed from spawn to exit (no fsync; cvx fsyncs
+//!   every file it copies).
+//!
+//! Goals (issue 10): cvx's latency <= 5% of `cp -a`, and no more than 1.5x longer when the data
+//! doubles. Printed, not enforced. `CVX_BENCH_SIZES_MIB=1024,2048` and `CVX_BENCH_ROUNDS=3`
+//! change the sizes and rounds. Needs Linux, GNU date, cp, and twice the largest size free.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Result, cpu_model, load_average, percentile, read_stamps, write_executable};
+
+const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
+const CVX: &str = env!("CARGO_BIN_EXE_cvx");
+const DAEMON: &str = "simd";
+const TABLE: usize = 2 << 20;
+const DEADLINE: Duration = Duration::from_secs(120);
+const RATIO_GOAL: f64 = 0.05;
+const GROWTH_GOAL: f64 = 1.5;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-backup: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_list(name: &str, default: &[u64]) -> Result<Vec<u64>> {
+    match std::env::var(name) {
+        Err(_) => Ok(default.to_vec()),
+        Ok(v) => v
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .map_err(|_| format!("{name}: not a number: {x:?}"))
+            })
+            .collect(),
+    }
+}
+
+fn run() -> Result<()> {
+    let sizes = env_list("CVX_BENCH_SIZES_MIB", &[1024, 2048])?;
+    let rounds = env_list("CVX_BENCH_ROUNDS", &[3])?[0].max(1) as usize;
+    println!(
+        "backup benchmark: upgrade-info.json -> new daemon's exec with backups on, beside `cp -a` of the same data/"
+    );
+    println!(
+        "cpu: {} x {}; cvx: {CVX}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model()
+    );
+    let mut results = Vec::new();
+    for &mib in &sizes {
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+            .map_err(|e| format!("cannot make a temp dir: {e}"))?;
+        let data = dir.path().join("data-template");
+        let (tables, bytes) = lsm_data(&data, mib)?;
+        println!();
+        println!(
+            "data/: {} MiB in {tables} tables of 2 MiB, {:.1} MiB of mutable files (load average: {})",
+            bytes.0 >> 20,
+            bytes.1 as f64 / (1 << 20) as f64,
+            load_average()
+        );
+        let (mut cvx_ms, mut cp_ms) = (Vec::new(), Vec::new());
+        for round in 1..=rounds {
+            let cp = cp_a(&data, &dir.path().join(format!("copy-{round}")))?;
+            let (latency, log) = upgrade_with_backup(dir.path(), &data, round)?;
+            println!(
+                "  round {round}: cvx {:.1} ms ({log}); cp -a {:.1} ms",
+                latency.as_secs_f64() * 1e3,
+                cp.as_secs_f64() * 1e3
+            );
+            cvx_ms.push(latency.as_secs_f64() * 1e3);
+            cp_ms.push(cp.as_secs_f64() * 1e3);
+        }
+        let (cvx, cp) = (percentile(&cvx_ms, 50.0), percentile(&cp_ms, 50.0));
+        println!(
+            "  median: cvx {cvx:.1} ms, cp -a {cp:.1} ms: {:.1}% of cp -a (goal <= {:.0}%: {})",
+            100.0 * cvx / cp,
+            100.0 * RATIO_GOAL,
+            verdict(cvx / cp <= RATIO_GOAL)
+        );
+        results.push((mib, cvx, cp));
+    }
+    if let [
+        (small, small_cvx, small_cp),
+        ..,
+        (large, large_cvx, large_cp),
+    ] = results[..]
+    {
+        println!();
+        println!(
+            "growth from {small} MiB to {large} MiB: cvx x{:.2} (goal <= x{GROWTH_GOAL}: {}), cp -a x{:.2}",
+            large_cvx / small_cvx,
+            verdict(large_cvx / small_cvx <= GROWTH_GOAL),
+            large_cp / small_cp
+        );
+    }
+    println!("command: scripts/bench-backup");
+    Ok(())
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "MET" } else { "NOT MET" }
+}
+
+/// An LSM-shaped data directory of about `mib` MiB; returns (tables, (table bytes, other bytes)).
+fn lsm_data(data: &Path, mib: u64) -> Result<(usize, (u64, u64))> {
+    let db = data.join("application.db");
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |e: std::io::Error| format!("cannot write {}: {e}", p.display())
+    };
+    fs::create_dir_all(&db).map_err(io(&db))?;
+    fs::create_dir_all(data.join("cs.wal")).map_err(io(data))?;
+    // Table bodies differ from each other, as real tables do.
+    let mut block = vec![0u8; TABLE];
+    let tables = ((mib << 20) as usize).div_ceil(TABLE);
+    for i in 0..tables {
+        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let path = db.join(format!("{:06}.ldb", i + 10));
+        fs::write(&path, &block).map_err(io(&path))?;
+    }
+    let mutable: [(PathBuf, usize); 6] = [
+        (db.join("CURRENT"), 16),
+        (db.join("MANIFEST-000001"), 1 << 20),
+        (db.join(format!("{:06}.log", tables + 10)), 4 << 20),
+        (db.join("LOG"), 64 << 10),
+        (data.join("cs.wal/wal"), 1 << 20),
+        (data.join("priv_validator_state.json"), 64),
+    ];
+    let mut other = 0;
+    for (path, size) in &mutable {
+        fs::write(path, vec![b'm'; *size]).map_err(io(path))?;
+        other += *size as u64;
+    }
+    Ok((tables, ((tables * TABLE) as u64, other)))
+}
+
+/// `cp -a from to`, timed; the copy is removed afterwards.
+fn cp_a(from: &Path, to: &Path) -> Result<Duration> {
+    let start = Instant::now();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .map_err(|e| format!("cannot run cp: {e}"))?;
+    let took = start.elapsed();
+    if !status.success() {
+        return Err(format!("cp -a failed: {status}"));
+    }
+    fs::remove_dir_all(to).map_err(|e| format!("cannot remove {}: {e}", to.display()))?;
+    Ok(took)
+}
+
+/// One upgrade with the backup on, from a fresh home whose data/ is `template` (hard-linked into
+/// place, so the setup costs no copy); returns the latency and cvx's backup log line.
+fn upgrade_with_backup(dir: &Path, template: &Path, round: usize) -> Result<(Duration, String)> {
+    let home = dir.join(format!("home-{round}"));
+    let backups = dir.join(format!("backups-{round}"));
+    let stamps = dir.join(format!("stamps-{round}"));
+    fs::create_dir_all(&stamps).map_err(|e| format!("{}: {e}", stamps.display()))?;
+    fs::create_dir_all(&home).map_err(|e| format!("{}: {e}", home.display()))?;
+    let linked = Command::new("cp")
+        .arg("-al")
+        .arg(template)
+        .arg(home.join("data"))
+        .status()
+        .map_err(|e| format!("cannot run cp: {e}"))?;
+    if !linked.success() {
+        return Err(format!("cp -al of the template failed: {linked}"));
+    }
+    let root = home.join("cosmovisor");
+    write_executable(
+        &root.join("genesis/bin").join(DAEMON),
+        &format!("#!/bin/sh\nexec '{SIMNODE}' --sim-block-time 20ms --sim-upgrade v2@3 \"$@\"\n"),
+        None,
+    )?;
+    write_executable(
+        &root.join("upgrades/v2/bin").join(DAEMON),
+        &format!(
+            "#!/bin/sh\nif [ \"$1\" = start ]; then date +%s%N >> '{}/v2'; fi\nexec '{SIMNODE}' --sim-block-time 20ms --sim-handlers v2 --sim-exit-at 4 0 \"$@\"\n",
+            stamps.display()
+        ),
+        None,
+    )?;
+    std::os::unix::fs::symlink("genesis", root.join("current"))
+        .map_err(|e| format!("cannot link current: {e}"))?;
+    let log_path = dir.join(format!("cvx-{round}.log"));
+    let log = fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
+    let mut child = Command::new(CVX)
+        .args(["run", "start", "--home"])
+        .arg(&home)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .env("DAEMON_HOME", &home)
+        .env("DAEMON_NAME", DAEMON)
+        .env("UNSAFE_SKIP_BACKUP", "false")
+        .env("DAEMON_DATA_BACKUP_DIR", &backups)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("cannot start {CVX}: {e}"))?;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if start.elapsed() > DEADLINE {
+            let _ = child.kill();
+            return Err(format!(
+                "cvx did not finish within {DEADLINE:?}; see {}",
+                log_path.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = fs::read_to_string(&log_path).unwrap_or_default();
+    if !status.success() {
+        return Err(format!("cvx exited with {status}:\n{log}"));
+    }
+    let written = fs::metadata(home.join("data/upgrade-info.json"))
+        .map_err(|e| format!("no upgrade-info.json: {e}"))?;
+    let written = {
+        use std::os::unix::fs::MetadataExt;
+        i128::from(written.mtime()) * 1_000_000_000 + i128::from(written.mtime_nsec())
+    };
+    let exec = read_stamps(&stamps.join("v2"))?;
+    let latency = Duration::from_nanos((exec[0] - written).max(0) as u64);
+    let line = log
+        .lines()
+        .find(|l| l.contains("backed up data to"))
+        .and_then(|l| l.split_once(" in "))
+        .map(|(_, rest)| rest.split(" upgrade=").next().unwrap_or(rest).to_string())
+        .ok_or_else(|| format!("no backup in cvx's log:\n{log}"))?;
+    for d in [&home, &backups] {
+        fs::remove_dir_all(d).map_err(|e| format!("cannot remove {}: {e}", d.display()))?;
+    }
+    Ok((latency, line))
+}
