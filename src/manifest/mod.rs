@@ -77,11 +77,40 @@ pub struct Upgrade {
     /// The version `<daemon> version` prints (semver, a leading "v" allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// What halts the node for this upgrade: an on-chain plan ("governance", the default), or
+    /// `cvx run` itself at `height` ("halt-height": a coordinated patch or hard fork).
+    #[serde(default, skip_serializing_if = "Trigger::is_governance")]
+    pub trigger: Trigger,
     /// The binary for each platform, keyed "os/arch".
     pub binary: BTreeMap<String, Artifact>,
     /// Shared libraries for each platform, staged into `upgrades/<dir>/lib/`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub library: BTreeMap<String, Vec<Library>>,
+}
+
+/// What halts the node for an upgrade (DESIGN §5.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// x/upgrade halts the node at the plan's height and writes `data/upgrade-info.json`.
+    #[default]
+    Governance,
+    /// No on-chain plan: `cvx run` starts the node with `--halt-height <height>` and upgrades it
+    /// once it has halted there.
+    HaltHeight,
+}
+
+impl Trigger {
+    pub fn is_governance(&self) -> bool {
+        *self == Trigger::Governance
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Governance => "governance",
+            Trigger::HaltHeight => "halt-height",
+        }
+    }
 }
 
 /// A binary to download: a plain file, or an archive holding it.

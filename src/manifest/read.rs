@@ -7,14 +7,16 @@ use std::path::PathBuf;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::{Artifact, Chain, Genesis, Library, Manifest, Problem, Upgrade, url_file_name};
+use super::{
+    Artifact, Chain, Genesis, Library, Manifest, Problem, Trigger, Upgrade, url_file_name,
+};
 
 type Span = Range<usize>;
 
 const ROOT_KEYS: &[&str] = &["chain", "genesis", "upgrade"];
 const CHAIN_KEYS: &[&str] = &["id", "daemon", "home", "platforms"];
 const GENESIS_KEYS: &[&str] = &["version", "binary", "library"];
-const UPGRADE_KEYS: &[&str] = &["name", "height", "version", "binary", "library"];
+const UPGRADE_KEYS: &[&str] = &["name", "height", "version", "trigger", "binary", "library"];
 const ARTIFACT_KEYS: &[&str] = &["url", "sha256", "path"];
 const LIBRARY_KEYS: &[&str] = &["url", "sha256", "name"];
 
@@ -569,12 +571,14 @@ impl<'s> Walker<'s> {
             None => None,
         };
         let version = self.version(table, at);
+        let trigger = self.trigger(table, at, height.is_some());
         let (binary, binary_spans) = self.binaries(table, at);
         let (library, library_spans) = self.libraries(table, at);
         let upgrade = Upgrade {
             name: name.as_ref().map(|n| n.0.clone()).unwrap_or_default(),
             height: height.as_ref().map(|h| h.0),
             version: version.as_ref().map(|v| v.0.clone()),
+            trigger,
             binary,
             library,
         };
@@ -588,6 +592,37 @@ impl<'s> Walker<'s> {
                 library: library_spans,
             },
         )
+    }
+
+    /// `trigger = "governance" | "halt-height"`; a halt-height needs the upgrade's height.
+    fn trigger(&mut self, table: &DeTable<'_>, at: &At, has_height: bool) -> Trigger {
+        let Some((value, span)) = self.string(table, at, "trigger", None) else {
+            return Trigger::Governance;
+        };
+        let key = at.child("trigger", 0..0).key;
+        match value.as_str() {
+            "governance" => Trigger::Governance,
+            "halt-height" => {
+                if !has_height {
+                    self.error(
+                        span,
+                        &key,
+                        "trigger = \"halt-height\" needs the upgrade's height: nothing on chain says where to stop",
+                        Some("add height = <the height every validator agreed to halt at>".into()),
+                    );
+                }
+                Trigger::HaltHeight
+            }
+            other => {
+                self.error(
+                    span,
+                    &key,
+                    format!("unknown trigger {other:?}"),
+                    Some("use \"governance\" (the default: an on-chain plan halts the node) or \"halt-height\" (cvx halts it at height)".into()),
+                );
+                Trigger::Governance
+            }
+        }
     }
 
     /// `binary."os/arch" = { url, sha256, path }`, required.
