@@ -300,6 +300,7 @@ async fn ensure_binary(
             daemon: &daemon,
             destination: &destination,
             mode: install::BINARY_MODE,
+            max_size: options.max_size,
         };
         let result = apply::stage(&layout, &file, &staging, true);
         let _ = fs::remove_file(&file);
