@@ -613,7 +613,7 @@ pub fn stage_archive_tree(
     match unpacked {
         Ok(member) => {
             tracing::info!(
-                "staged {} files from {} in {stage_dir} (daemon: {member})",
+                "staged {} files and links from {} in {stage_dir} (daemon: {member})",
                 staged.len(),
                 staging.url
             );

@@ -21,7 +21,7 @@
 //! the chosen member is then read by index.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -1097,8 +1097,8 @@ pub fn unpack_tree<E: From<UnpackError>>(
 /// Which entries [`unpack_tree`] writes, by `at`.
 struct TreePlan {
     chosen: usize,
-    files: std::collections::HashSet<usize>,
-    symlinks: std::collections::HashSet<usize>,
+    files: HashSet<usize>,
+    symlinks: HashSet<usize>,
 }
 
 /// Decide what to write, and refuse the archive before anything is written when that would be
@@ -1154,7 +1154,7 @@ fn plan_tree(
             count: *count,
         });
     }
-    let links: std::collections::HashSet<&str> = listed
+    let links: HashSet<&str> = listed
         .iter()
         .filter(|l| plan.symlinks.contains(&l.at))
         .map(|l| l.name.as_str())
@@ -1201,11 +1201,7 @@ fn plan_tree(
 /// The archive symlink that a `..` in the target of symlink `name` would climb out of, if any.
 /// `..` after a symlink leaves from the link's target, not from where the path seems to be, so
 /// the lexical check of [`stays_inside`] holds only for targets that never do that.
-fn climbs_through(
-    name: &str,
-    target: &str,
-    links: &std::collections::HashSet<&str>,
-) -> Option<String> {
+fn climbs_through(name: &str, target: &str, links: &HashSet<&str>) -> Option<String> {
     let mut path: Vec<&str> = name.split('/').collect();
     path.pop();
     let mut through = None;
