@@ -214,7 +214,7 @@ pub struct ApplyArgs {
     /// Re-hash every staged file instead of trusting receipts.
     #[arg(long)]
     pub verify: bool,
-    /// Refuse artifacts larger than this many MiB.
+    /// Refuse artifacts larger than this many MiB, downloaded or unpacked (a decompression bomb).
     #[arg(long, default_value_t = 4096, value_name = "MIB")]
     pub max_size: u64,
     /// Attempts after a transient failure (connection, timeout, 5xx) of one download.

@@ -59,6 +59,8 @@ pub struct Source<'a> {
     /// For archives: the member named in the manifest.
     pub member: Option<&'a str>,
     pub daemon: &'a str,
+    /// The most bytes an archive member may unpack to (`--max-size`).
+    pub max_size: u64,
     /// The download may be moved into place rather than copied (no one else needs it).
     pub consume: bool,
 }
@@ -90,14 +92,10 @@ pub fn install(
             }
         }
         None => {
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".cvx-")
-                .tempfile_in(dir)
-                .map_err(io_err("create a temp file in", dir))?;
             let mut from = File::open(source.file).map_err(io_err("read", source.file))?;
-            let size =
-                io::copy(&mut from, tmp.as_file_mut()).map_err(io_err("write", tmp.path()))?;
-            finish(tmp, dest, mode, aside)?;
+            let size = write_new(dest, mode, aside, |tmp, path| {
+                io::copy(&mut from, tmp).map_err(io_err("write", path))
+            })?;
             Installed {
                 sha256: source.sha256.to_string(),
                 size,
@@ -105,18 +103,17 @@ pub fn install(
             }
         }
         Some(kind) => {
-            let mut tmp = tempfile::Builder::new()
-                .prefix(".cvx-")
-                .tempfile_in(dir)
-                .map_err(io_err("create a temp file in", dir))?;
-            let extracted = unpack::extract(
-                source.file,
-                kind,
-                source.member,
-                source.daemon,
-                tmp.as_file_mut(),
-            )?;
-            finish(tmp, dest, mode, aside)?;
+            let extracted = write_new(dest, mode, aside, |tmp, _| {
+                unpack::extract(
+                    source.file,
+                    kind,
+                    source.member,
+                    source.daemon,
+                    source.max_size,
+                    tmp,
+                )
+                .map_err(InstallError::from)
+            })?;
             Installed {
                 sha256: extracted.sha256,
                 size: extracted.size,
@@ -124,10 +121,58 @@ pub fn install(
             }
         }
     };
+    sync_dir(dir)?;
+    Ok(installed)
+}
+
+/// Install at `dest` the bytes `write` puts into a fresh temp file beside it (given with its
+/// path): mode, fsync, keep the old file aside, rename. Creates the directory if needed; the
+/// caller syncs it. On error the temp file is removed and `dest` is untouched.
+pub fn write_new<T>(
+    dest: &Path,
+    mode: u32,
+    aside: &Path,
+    write: impl FnOnce(&mut File, &Path) -> Result<T, InstallError>,
+) -> Result<T, InstallError> {
+    let dir = dest.parent().expect("destinations are inside the tree");
+    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".cvx-")
+        .tempfile_in(dir)
+        .map_err(io_err("create a temp file in", dir))?;
+    let path = tmp.path().to_path_buf();
+    let written = write(tmp.as_file_mut(), &path)?;
+    finish(tmp, dest, mode, aside)?;
+    Ok(written)
+}
+
+/// Make `dest` a symlink to `target`: created under a temp name beside it, then renamed over
+/// whatever was there (kept aside). The caller syncs the directory.
+pub fn replace_symlink(target: &str, dest: &Path, aside: &Path) -> Result<(), InstallError> {
+    let dir = dest.parent().expect("destinations are inside the tree");
+    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let name = dest.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".cvx-{name}.{}.link", std::process::id()));
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io_err("remove", &tmp)(e));
+        }
+        _ => {}
+    }
+    std::os::unix::fs::symlink(target, &tmp).map_err(io_err("create symlink", &tmp))?;
+    let placed = keep_aside(dest, aside)
+        .and_then(|()| fs::rename(&tmp, dest).map_err(io_err("move into place", dest)));
+    if placed.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    placed
+}
+
+/// fsync a directory, so the renames in it survive a crash.
+pub fn sync_dir(dir: &Path) -> Result<(), InstallError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("sync directory", dir))?;
-    Ok(installed)
+        .map_err(io_err("sync directory", dir))
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), InstallError> {

@@ -9,7 +9,7 @@ pub mod unpack;
 use std::collections::BTreeMap;
 use std::fs::{self, File, TryLockError};
 use std::io::{self, Read, Seek, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ use crate::receipt::{self, FileIdentity, Receipt};
 use crate::render::error_chain;
 use crate::tree::Layout;
 use fetch::{FetchError, FetchOptions};
+use install::InstallError;
+use unpack::TreeEntry;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -393,7 +395,15 @@ pub async fn execute(
             .await;
             match fetched {
                 Ok(fetched) => tokio::task::spawn_blocking(move || {
-                    install_all(&layout, &fetched, &url, &sha256, &daemon, &targets)
+                    install_all(
+                        &layout,
+                        &fetched,
+                        &url,
+                        &sha256,
+                        &daemon,
+                        fetch_options.max_size,
+                        &targets,
+                    )
                 })
                 .await
                 .expect("install does not panic"),
@@ -457,6 +467,7 @@ fn install_all(
     url: &str,
     sha256: &str,
     daemon: &str,
+    max_size: u64,
     targets: &[Target],
 ) -> Vec<TargetResult> {
     let results = targets
@@ -469,6 +480,7 @@ fn install_all(
                 daemon,
                 destination: &target.destination,
                 mode: target.mode,
+                max_size,
             };
             let result = stage(layout, &fetched.path, &staged, targets.len() == 1)
                 .map(|size| (size, fetched.resumed));
@@ -493,6 +505,9 @@ pub struct Staging<'a> {
     /// Relative to `$DAEMON_HOME/cosmovisor`.
     pub destination: &'a str,
     pub mode: u32,
+    /// The most bytes an archive may unpack to (`--max-size`, in bytes); the download itself is
+    /// capped by [`FetchOptions::max_size`], usually the same value.
+    pub max_size: u64,
 }
 
 /// Install the verified download `file` as `staging` says, with its receipt. `consume` lets the
@@ -511,6 +526,7 @@ pub fn stage(
         sha256: staging.sha256,
         member: staging.member,
         daemon: staging.daemon,
+        max_size: staging.max_size,
         consume,
     };
     receipt::remove(&receipts, staging.destination).map_err(|e| {
@@ -521,10 +537,24 @@ pub fn stage(
     })?;
     let installed = install::install(&source, &dest, staging.mode, &layout.cvx().join("replaced"))
         .map_err(|e| error_chain(&e))?;
-    let meta =
-        fs::metadata(&dest).map_err(|e| format!("cannot inspect {}: {e}", dest.display()))?;
+    let size = installed.size;
+    write_receipt(layout, staging.destination, installed, staging)
+        .map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
+    tracing::info!("staged {} from {}", staging.destination, staging.url);
+    Ok(size)
+}
+
+/// Record what was just installed at `rel` (relative to `$DAEMON_HOME/cosmovisor`) from the
+/// artifact `staging` names.
+fn write_receipt(
+    layout: &Layout,
+    rel: &str,
+    installed: install::Installed,
+    staging: &Staging<'_>,
+) -> io::Result<()> {
+    let meta = fs::metadata(layout.root().join(rel))?;
     let receipt = Receipt {
-        path: staging.destination.to_string(),
+        path: rel.to_string(),
         sha256: installed.sha256,
         size: installed.size,
         source_url: staging.url.to_string(),
@@ -532,10 +562,192 @@ pub fn stage(
         member: installed.member,
         identity: FileIdentity::of(&meta),
     };
-    receipt::write(&receipts, &receipt)
-        .map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
-    tracing::info!("staged {} from {}", staging.destination, staging.url);
-    Ok(installed.size)
+    receipt::write(&layout.receipts(), &receipt)
+}
+
+/// Unpack the verified archive `file` whole into `stage_dir` (`upgrades/<dir>`), as Cosmovisor
+/// does with an upgrade it downloads, so that a `lib/` shipped beside `bin/<daemon>` is kept.
+///
+/// Every regular file goes to its own path under `stage_dir`, installed atomically with a
+/// receipt; symlinks that stay inside the archive are recreated; the daemon binary, chosen by
+/// `staging.member` and the member rules of [`unpack::extract`], is also put at
+/// `<stage_dir>/bin/<daemon>`. Modes: the daemon 0755, files under `lib/` 0644, other files 0755
+/// when the archive gives them an execute bit, else 0644. The archive may unpack to at most
+/// `staging.max_size` bytes in all (the copy of the daemon at `bin/<daemon>` aside). A file that
+/// is not an archive is staged (moved) as `<stage_dir>/bin/<daemon>`. `staging.destination` and
+/// `staging.mode` are not used.
+///
+/// Returns the paths staged (files and symlinks), relative to `$DAEMON_HOME/cosmovisor`. On
+/// error nothing half-written is left at a final name; files this call already installed stay,
+/// with their receipts. Errors as one line.
+pub fn stage_archive_tree(
+    layout: &Layout,
+    file: &Path,
+    staging: &Staging<'_>,
+    stage_dir: &str,
+) -> Result<Vec<String>, String> {
+    let bin = format!("{stage_dir}/bin/{}", staging.daemon);
+    let kind = unpack::detect(file, staging.url)
+        .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let Some(kind) = kind else {
+        let binary = Staging {
+            destination: &bin,
+            mode: install::BINARY_MODE,
+            ..*staging
+        };
+        stage(layout, file, &binary, true)?;
+        return Ok(vec![bin]);
+    };
+    let root = layout.root().join(stage_dir);
+    let aside = layout.cvx().join("replaced");
+    let mut staged = Vec::new();
+    let unpacked = unpack::unpack_tree(
+        file,
+        kind,
+        staging.member,
+        staging.daemon,
+        staging.max_size,
+        |entry| -> Result<(), InstallError> {
+            match entry {
+                TreeEntry::File(member) => {
+                    let name = member.name.to_owned();
+                    let mode = if member.daemon {
+                        install::BINARY_MODE
+                    } else if name.starts_with("lib/") || !member.executable {
+                        install::LIBRARY_MODE
+                    } else {
+                        install::BINARY_MODE
+                    };
+                    let daemon = member.daemon;
+                    let dest = root.join(&name);
+                    let rel = format!("{stage_dir}/{name}");
+                    forget(layout, &rel)?;
+                    let extracted =
+                        install::write_new(&dest, mode, &aside, |tmp, _| Ok(member.copy_to(tmp)?))?;
+                    sync_parent(&dest)?;
+                    let installed = install::Installed {
+                        sha256: extracted.sha256,
+                        size: extracted.size,
+                        member: Some(extracted.member),
+                    };
+                    record(layout, &rel, installed.clone(), staging)?;
+                    let elsewhere = rel != bin;
+                    staged.push(rel);
+                    if daemon && elsewhere {
+                        copy_daemon(layout, &dest, &bin, installed, staging, &aside)?;
+                        staged.push(bin.clone());
+                    }
+                }
+                TreeEntry::Symlink { name, target } => {
+                    let dest = root.join(name);
+                    let rel = format!("{stage_dir}/{name}");
+                    forget(layout, &rel)?;
+                    install::replace_symlink(target, &dest, &aside)?;
+                    sync_parent(&dest)?;
+                    staged.push(rel);
+                }
+            }
+            Ok(())
+        },
+    );
+    match unpacked {
+        Ok(member) => {
+            tracing::info!(
+                "staged {} files and links from {} in {stage_dir} (daemon: {member})",
+                staged.len(),
+                staging.url
+            );
+            Ok(staged)
+        }
+        Err(e) => Err(error_chain(&e)),
+    }
+}
+
+/// Drop the receipt of `rel` before its file is replaced: a crash in between leaves no receipt
+/// vouching for bytes it did not see.
+fn forget(layout: &Layout, rel: &str) -> Result<(), InstallError> {
+    receipt::remove(&layout.receipts(), rel).map_err(|source| InstallError::Io {
+        action: "remove the old receipt",
+        path: receipt::receipt_path(&layout.receipts(), rel),
+        source,
+    })
+}
+
+fn record(
+    layout: &Layout,
+    rel: &str,
+    installed: install::Installed,
+    staging: &Staging<'_>,
+) -> Result<(), InstallError> {
+    write_receipt(layout, rel, installed, staging).map_err(|source| InstallError::Io {
+        action: "write the receipt of",
+        path: layout.root().join(rel),
+        source,
+    })
+}
+
+fn sync_parent(dest: &Path) -> Result<(), InstallError> {
+    install::sync_dir(dest.parent().expect("destinations are inside the tree"))
+}
+
+/// Put a copy of the daemon binary just installed at `from` at `bin` (relative to the
+/// cosmovisor root), proving on the way that the bytes are still the member's.
+fn copy_daemon(
+    layout: &Layout,
+    from: &Path,
+    bin: &str,
+    installed: install::Installed,
+    staging: &Staging<'_>,
+    aside: &Path,
+) -> Result<(), InstallError> {
+    let dest = layout.root().join(bin);
+    forget(layout, bin)?;
+    install::write_new(&dest, install::BINARY_MODE, aside, |tmp, path| {
+        let source = File::open(from).map_err(|source| InstallError::Io {
+            action: "read",
+            path: from.to_path_buf(),
+            source,
+        })?;
+        let (sha256, _) =
+            crate::hash::sha256_reader(Tee { source, out: tmp }).map_err(|source| {
+                InstallError::Io {
+                    action: "copy the daemon binary to",
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        if sha256 == installed.sha256 {
+            Ok(())
+        } else {
+            Err(InstallError::Io {
+                action: "copy the daemon binary from",
+                path: from.to_path_buf(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "it changed after it was unpacked (sha256 {sha256}, unpacked as {})",
+                        installed.sha256
+                    ),
+                ),
+            })
+        }
+    })?;
+    sync_parent(&dest)?;
+    record(layout, bin, installed, staging)
+}
+
+/// Reads `source`, writing every byte read to `out` as well.
+struct Tee<'a> {
+    source: File,
+    out: &'a mut File,
+}
+
+impl Read for Tee<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.source.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
 }
 
 /// `current -> genesis`, relative as Cosmovisor writes it.

@@ -1,8 +1,13 @@
-//! Turn a downloaded, already checksum-verified artifact into the one binary to install.
+//! Turn a downloaded, already checksum-verified artifact into the files to install.
 //!
 //! Archives (`.tar.gz`, `.tar.xz`, `.tar.zst`, `.zip`) are recognised by their content first and by
 //! their name second ([`detect`]); [`extract`] then copies exactly one member into a temp file the
-//! caller owns, hashing it on the way.
+//! caller owns, hashing it on the way, and [`unpack_tree`] hands every regular file and inside
+//! symlink to the caller, as Cosmovisor unpacks a downloaded upgrade whole.
+//!
+//! Size policy: a pinned archive can still be a decompression bomb. Every byte written counts
+//! against a cap (`--max-size`); the copy stops before the byte that would cross it, so nothing,
+//! not even the temp file, ever holds more than the cap.
 //!
 //! Safety policy: the whole archive is refused when any entry could land outside the archive root
 //! if it were unpacked (a `..` component, an absolute path, a symlink or hard link pointing out),
@@ -16,6 +21,7 @@
 //! the chosen member is then read by index.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -41,6 +47,18 @@ impl ArchiveKind {
             ArchiveKind::TarXz => "tar.xz",
             ArchiveKind::TarZst => "tar.zst",
             ArchiveKind::Zip => "zip",
+        }
+    }
+}
+
+impl ArchiveKind {
+    /// The compression of a tar archive; `None` for zip.
+    fn codec(self) -> Option<Codec> {
+        match self {
+            ArchiveKind::TarGz => Some(Codec::Gz),
+            ArchiveKind::TarXz => Some(Codec::Xz),
+            ArchiveKind::TarZst => Some(Codec::Zst),
+            ArchiveKind::Zip => None,
         }
     }
 }
@@ -154,6 +172,12 @@ pub enum UnsafeReason {
     HardLinkOut { target: String },
     /// A name with a NUL byte, or a non-directory entry whose name is empty.
     BadName,
+    /// Unpacking the whole archive: the entry's path goes through a symlink or a file of the
+    /// archive, so writing it would follow that link or fail.
+    UnderNonDirectory { parent: String },
+    /// Unpacking the whole archive: a symlink whose target climbs (`..`) out of another symlink,
+    /// where the lexical check cannot tell where it lands.
+    SymlinkThroughLink { target: String, link: String },
 }
 
 impl fmt::Display for UnsafeReason {
@@ -168,6 +192,14 @@ impl fmt::Display for UnsafeReason {
                 write!(f, "is a hard link to `{target}`, outside the archive")
             }
             UnsafeReason::BadName => f.write_str("has an empty name or a NUL byte in its name"),
+            UnsafeReason::UnderNonDirectory { parent } => write!(
+                f,
+                "lies under `{parent}`, which the archive makes a symlink or a file, not a directory"
+            ),
+            UnsafeReason::SymlinkThroughLink { target, link } => write!(
+                f,
+                "is a symlink to `{target}`, which climbs out of the symlink `{link}`"
+            ),
         }
     }
 }
@@ -211,12 +243,36 @@ pub enum UnpackError {
     },
     #[error("archive holds no regular file to install")]
     Empty,
+    #[error(
+        "unpacking member `{member}` of archive `{}` would write more than the size limit of {}; \
+         stopped there\nhint: if the archive is genuine (not a decompression bomb), raise the \
+         limit with --max-size (cvx apply) or CVX_MAX_SIZE (cvx run)",
+        archive.display(),
+        show_size(*max)
+    )]
+    TooLarge {
+        archive: PathBuf,
+        /// The member whose bytes crossed the limit.
+        member: String,
+        /// The limit, in bytes.
+        max: u64,
+    },
     #[error("member `{member}` is {kind}, not a regular file")]
     NotRegular { member: String, kind: EntryKind },
     #[error(
         "archive holds {count} entries named `{member}`; refusing to guess which one to install"
     )]
     Duplicate { member: String, count: usize },
+}
+
+/// A size limit as the operator gave it: `--max-size` counts MiB.
+fn show_size(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    if bytes.is_multiple_of(MIB) {
+        format!("{} MiB", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
 }
 
 /// At most this many names in a message; the error value keeps them all.
@@ -240,32 +296,26 @@ fn list(members: &[String]) -> String {
 
 /// Extract the chosen member of `archive` into `out` (an empty temp file the caller fsyncs and
 /// renames). Member choice: `path` when given (a leading `./` ignored on both sides), else the
-/// only regular file in the archive, else `bin/<daemon>`, else `<daemon>`. On error `out` is left
-/// empty.
+/// only regular file in the archive, else `bin/<daemon>`, else `<daemon>`. A member that unpacks
+/// to more than `max_size` bytes is refused ([`UnpackError::TooLarge`]) without writing past it.
+/// On error `out` is left empty.
 pub fn extract(
     archive: &Path,
     kind: ArchiveKind,
     path: Option<&str>,
     daemon: &str,
+    max_size: u64,
     out: &mut File,
 ) -> Result<Extracted, UnpackError> {
-    let want = match path {
-        Some(p) => Want::Path(normalize(p)),
-        None => Want::Auto {
-            bin: format!("bin/{daemon}"),
-            daemon,
-        },
-    };
+    let want = Want::new(path, daemon);
     let ctx = Ctx {
         archive,
         kind,
         file_error: Rc::default(),
     };
-    let result = match kind {
-        ArchiveKind::TarGz => extract_tar(&ctx, Codec::Gz, &want, out),
-        ArchiveKind::TarXz => extract_tar(&ctx, Codec::Xz, &want, out),
-        ArchiveKind::TarZst => extract_tar(&ctx, Codec::Zst, &want, out),
-        ArchiveKind::Zip => extract_zip(&ctx, &want, out),
+    let result = match kind.codec() {
+        Some(codec) => extract_tar(&ctx, codec, &want, max_size, out),
+        None => extract_zip(&ctx, &want, max_size, out),
     };
     if result.is_err() {
         // Nothing half-extracted is left for a careless caller to rename into place.
@@ -284,7 +334,17 @@ enum Want<'a> {
     },
 }
 
-impl Want<'_> {
+impl<'a> Want<'a> {
+    fn new(path: Option<&str>, daemon: &'a str) -> Self {
+        match path {
+            Some(p) => Want::Path(normalize(p)),
+            None => Want::Auto {
+                bin: format!("bin/{daemon}"),
+                daemon,
+            },
+        }
+    }
+
     /// How strongly the rules prefer a regular file of this name: 0 = only if it is the only one.
     fn rank(&self, name: &str) -> u8 {
         match self {
@@ -310,6 +370,12 @@ struct Listed {
     kind: EntryKind,
     /// Tar: ordinal among listed entries; zip: index in the central directory.
     at: usize,
+    /// The size the archive declares for the entry's data (the copy counts the real bytes).
+    size: u64,
+    /// Any execute bit in the entry's mode.
+    executable: bool,
+    /// A link's target, as written in the archive (already checked to stay inside).
+    target: Option<String>,
 }
 
 /// Apply the member rules to the full listing; returns the chosen entry's `at`.
@@ -526,12 +592,35 @@ fn reset(out: &mut File) -> io::Result<()> {
     Ok(())
 }
 
-/// Copy one member's bytes into `out`, hashing them on the way.
+/// The bytes one unpack may write: `max` in all, `used` so far by the files already written.
+#[derive(Debug, Clone, Copy)]
+struct Cap {
+    max: u64,
+    used: u64,
+}
+
+impl Cap {
+    fn new(max: u64) -> Self {
+        Cap { max, used: 0 }
+    }
+
+    fn too_large(&self, ctx: &Ctx<'_>, member: &str) -> UnpackError {
+        UnpackError::TooLarge {
+            archive: ctx.archive.to_owned(),
+            member: member.to_owned(),
+            max: self.max,
+        }
+    }
+}
+
+/// Copy one member's bytes into `out`, hashing them on the way, and count them in `cap`. The
+/// chunk that would cross the cap is not written: `out` is emptied and the copy refused.
 fn copy_member(
     ctx: &Ctx<'_>,
     member: &str,
     data: &mut dyn Read,
     out: &mut File,
+    cap: &mut Cap,
 ) -> Result<Extracted, UnpackError> {
     let write_error = |source| UnpackError::Write {
         archive: ctx.archive.to_owned(),
@@ -539,6 +628,7 @@ fn copy_member(
         source,
     };
     reset(out).map_err(write_error)?;
+    let room = cap.max.saturating_sub(cap.used);
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; BUF];
@@ -549,10 +639,15 @@ fn copy_member(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(ctx.read_error(e)),
         };
+        if size + n as u64 > room {
+            reset(out).map_err(write_error)?;
+            return Err(cap.too_large(ctx, member));
+        }
         hasher.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(write_error)?;
         size += n as u64;
     }
+    cap.used += size;
     Ok(Extracted {
         member: member.to_owned(),
         sha256: hasher.finish(),
@@ -586,11 +681,11 @@ fn tar_kind(ty: tar::EntryType) -> EntryKind {
 /// Stream every entry of a tar archive: validate it, list it, and hand it to `visit` with its
 /// data. Ends by draining the decompressor so its integrity trailer (gzip CRC, xz check, zstd
 /// checksum) is verified too.
-fn walk_tar(
+fn walk_tar<E: From<UnpackError>>(
     ctx: &Ctx<'_>,
     codec: Codec,
-    mut visit: impl FnMut(&Listed, &mut dyn Read) -> Result<(), UnpackError>,
-) -> Result<Vec<Listed>, UnpackError> {
+    mut visit: impl FnMut(&Listed, &mut dyn Read) -> Result<(), E>,
+) -> Result<Vec<Listed>, E> {
     let src = ctx.open()?;
     let decoder: Box<dyn Read> = match codec {
         Codec::Gz => Box::new(flate2::bufread::MultiGzDecoder::new(src)),
@@ -618,8 +713,11 @@ fn walk_tar(
         let kind = tar_kind(ty);
         let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let name = check_name(&raw, kind)?;
-        if let Some(target) = entry.link_name_bytes() {
-            check_link(&raw, &name, kind, &String::from_utf8_lossy(&target))?;
+        let target = entry
+            .link_name_bytes()
+            .map(|t| String::from_utf8_lossy(&t).into_owned());
+        if let Some(target) = &target {
+            check_link(&raw, &name, kind, target)?;
         }
         if name.is_empty() {
             continue; // `./`, the root itself
@@ -628,6 +726,9 @@ fn walk_tar(
             name,
             kind,
             at: listed.len(),
+            size: entry.size(),
+            executable: entry.header().mode().is_ok_and(|m| m & 0o111 != 0),
+            target,
         };
         visit(&item, &mut entry)?;
         listed.push(item);
@@ -641,12 +742,14 @@ fn extract_tar(
     ctx: &Ctx<'_>,
     codec: Codec,
     want: &Want<'_>,
+    max_size: u64,
     out: &mut File,
 ) -> Result<Extracted, UnpackError> {
     // Write the best candidate so far as it streams by. The rules' final choice, when it is a
     // unique regular file, is always the best candidate seen: the only regular file is the first
     // one seen; `bin/<daemon>` outranks everything; `<daemon>` outranks all but `bin/<daemon>`.
-    let mut written: Option<(usize, u8, Extracted)> = None;
+    // A candidate over the cap is remembered as such: it is an error only if it is the choice.
+    let mut written: Option<(usize, u8, Result<Extracted, UnpackError>)> = None;
     let listed = walk_tar(ctx, codec, |item, data| {
         if item.kind != EntryKind::Regular {
             return Ok(());
@@ -658,14 +761,18 @@ fn extract_tar(
             (Some((_, best, _)), _) => rank > *best,
         };
         if better {
-            written = Some((item.at, rank, copy_member(ctx, &item.name, data, out)?));
+            let copied = match copy_member(ctx, &item.name, data, out, &mut Cap::new(max_size)) {
+                Err(e) if !matches!(e, UnpackError::TooLarge { .. }) => return Err(e),
+                copied => copied,
+            };
+            written = Some((item.at, rank, copied));
         }
         Ok(())
     })?;
     let chosen = choose(&listed, want)?;
     match written {
-        Some((at, _, extracted)) if at == chosen => Ok(extracted),
-        _ => second_pass(ctx, codec, chosen, out),
+        Some((at, _, copied)) if at == chosen => copied,
+        _ => second_pass(ctx, codec, chosen, max_size, out),
     }
 }
 
@@ -675,12 +782,19 @@ fn second_pass(
     ctx: &Ctx<'_>,
     codec: Codec,
     chosen: usize,
+    max_size: u64,
     out: &mut File,
 ) -> Result<Extracted, UnpackError> {
     let mut extracted = None;
     walk_tar(ctx, codec, |item, data| {
         if item.at == chosen && extracted.is_none() {
-            extracted = Some(copy_member(ctx, &item.name, data, out)?);
+            extracted = Some(copy_member(
+                ctx,
+                &item.name,
+                data,
+                out,
+                &mut Cap::new(max_size),
+            )?);
         }
         Ok(())
     })?;
@@ -801,38 +915,61 @@ fn zip_kind(file: &zip::read::ZipFile<'_, impl Read>) -> EntryKind {
 /// Longer than any symlink target a system accepts (PATH_MAX).
 const MAX_LINK: u64 = 4096;
 
-fn extract_zip(ctx: &Ctx<'_>, want: &Want<'_>, out: &mut File) -> Result<Extracted, UnpackError> {
+type Zip = zip::ZipArchive<BufReader<Tracked>>;
+
+/// Open a zip archive and validate and list every entry from its central directory.
+fn list_zip(ctx: &Ctx<'_>) -> Result<(Zip, Vec<Listed>), UnpackError> {
     let mut zip = zip::ZipArchive::new(ctx.open()?).map_err(|e| zip_error(ctx, e))?;
     let mut listed = Vec::with_capacity(zip.len());
     for i in 0..zip.len() {
-        let (raw, kind) = {
+        let (raw, kind, size, executable) = {
             let file = zip.by_index_raw(i).map_err(|e| zip_error(ctx, e))?;
             let raw = match file.name() {
                 Ok(name) => name.into_owned(),
                 Err(_) => String::from_utf8_lossy(file.name_raw()).into_owned(),
             };
-            (raw, zip_kind(&file))
+            let executable = file.unix_mode().is_some_and(|m| m & 0o111 != 0);
+            (raw, zip_kind(&file), file.size(), executable)
         };
         let name = check_name(&raw, kind)?;
+        let mut target = None;
         if kind == EntryKind::Symlink {
-            let mut target = Vec::new();
+            let mut bytes = Vec::new();
             zip.by_index(i)
                 .map_err(|e| zip_error(ctx, e))?
                 .take(MAX_LINK + 1)
-                .read_to_end(&mut target)
+                .read_to_end(&mut bytes)
                 .map_err(|e| ctx.read_error(e))?;
-            let target = String::from_utf8_lossy(&target);
-            if target.len() as u64 > MAX_LINK {
+            let link = String::from_utf8_lossy(&bytes).into_owned();
+            if link.len() as u64 > MAX_LINK {
                 return Err(ctx.corrupt(format!(
                     "symlink `{raw}` has a target longer than {MAX_LINK} bytes"
                 )));
             }
-            check_link(&raw, &name, kind, &target)?;
+            check_link(&raw, &name, kind, &link)?;
+            target = Some(link);
         }
         if !name.is_empty() {
-            listed.push(Listed { name, kind, at: i });
+            listed.push(Listed {
+                name,
+                kind,
+                at: i,
+                size,
+                executable,
+                target,
+            });
         }
     }
+    Ok((zip, listed))
+}
+
+fn extract_zip(
+    ctx: &Ctx<'_>,
+    want: &Want<'_>,
+    max_size: u64,
+    out: &mut File,
+) -> Result<Extracted, UnpackError> {
+    let (mut zip, listed) = list_zip(ctx)?;
     let chosen = choose(&listed, want)?;
     let member = listed
         .iter()
@@ -840,7 +977,253 @@ fn extract_zip(ctx: &Ctx<'_>, want: &Want<'_>, out: &mut File) -> Result<Extract
         .map(|l| l.name.clone())
         .unwrap_or_default();
     let mut file = zip.by_index(chosen).map_err(|e| zip_error(ctx, e))?;
-    copy_member(ctx, &member, &mut file, out)
+    copy_member(ctx, &member, &mut file, out, &mut Cap::new(max_size))
+}
+
+// ---------------------------------------------------------------------------------------------
+// the whole archive
+
+/// A regular file of an archive unpacked whole, handed to the caller of [`unpack_tree`].
+pub struct Member<'a> {
+    /// The member's normalized path in the archive: where it goes under the stage directory.
+    pub name: &'a str,
+    /// The archive gives it an execute bit.
+    pub executable: bool,
+    /// The member rules chose it as the daemon binary.
+    pub daemon: bool,
+    data: &'a mut dyn Read,
+    ctx: &'a Ctx<'a>,
+    cap: &'a mut Cap,
+}
+
+impl Member<'_> {
+    /// Copy the member's bytes into `out` (a temp file), hashing them and counting them against
+    /// the cap shared by the whole archive. On error `out` is left empty.
+    pub fn copy_to(self, out: &mut File) -> Result<Extracted, UnpackError> {
+        copy_member(self.ctx, self.name, self.data, out, self.cap)
+    }
+}
+
+/// An entry of an archive unpacked whole.
+pub enum TreeEntry<'a> {
+    File(Member<'a>),
+    /// A symlink whose target stays inside the archive, to recreate as is.
+    Symlink {
+        name: &'a str,
+        target: &'a str,
+    },
+}
+
+/// Unpack all of `archive`, as Cosmovisor unpacks a downloaded upgrade: every entry is validated
+/// first (the checks of [`extract`], plus: nothing lies under a symlink or file of the archive,
+/// no symlink climbs out through another), the daemon binary is chosen by [`extract`]'s member
+/// rules, and the regular files unpack to at most `max_size` bytes in all. Then `visit` gets each
+/// regular file in archive order, then each symlink. Directories are implied by the files;
+/// hard links, fifos and devices are skipped (logged); so is any other entry at `bin` or
+/// `bin/<daemon>`, where the chosen binary goes. Returns the chosen member's name.
+pub fn unpack_tree<E: From<UnpackError>>(
+    archive: &Path,
+    kind: ArchiveKind,
+    path: Option<&str>,
+    daemon: &str,
+    max_size: u64,
+    mut visit: impl FnMut(TreeEntry<'_>) -> Result<(), E>,
+) -> Result<String, E> {
+    let want = Want::new(path, daemon);
+    let ctx = Ctx {
+        archive,
+        kind,
+        file_error: Rc::default(),
+    };
+    let mut cap = Cap::new(max_size);
+    let (listed, plan) = match kind.codec() {
+        Some(codec) => {
+            let listed = walk_tar(&ctx, codec, |_, _| Ok::<_, UnpackError>(()))?;
+            let plan = plan_tree(&ctx, &listed, &want, daemon, max_size)?;
+            let again = walk_tar(&ctx, codec, |item, data| {
+                if !plan.files.contains(&item.at) {
+                    return Ok(());
+                }
+                if listed.get(item.at).map(|l| &l.name) != Some(&item.name) {
+                    return Err(E::from(
+                        ctx.corrupt("the archive changed between two reads".to_owned()),
+                    ));
+                }
+                visit(TreeEntry::File(Member {
+                    name: &item.name,
+                    executable: item.executable,
+                    daemon: item.at == plan.chosen,
+                    data,
+                    ctx: &ctx,
+                    cap: &mut cap,
+                }))
+            })?;
+            if again.len() != listed.len() {
+                return Err(E::from(
+                    ctx.corrupt("the archive changed between two reads".to_owned()),
+                ));
+            }
+            (listed, plan)
+        }
+        None => {
+            let (mut zip, listed) = list_zip(&ctx)?;
+            let plan = plan_tree(&ctx, &listed, &want, daemon, max_size)?;
+            for item in listed.iter().filter(|l| plan.files.contains(&l.at)) {
+                let mut data = zip.by_index(item.at).map_err(|e| zip_error(&ctx, e))?;
+                visit(TreeEntry::File(Member {
+                    name: &item.name,
+                    executable: item.executable,
+                    daemon: item.at == plan.chosen,
+                    data: &mut data,
+                    ctx: &ctx,
+                    cap: &mut cap,
+                }))?;
+            }
+            (listed, plan)
+        }
+    };
+    // Last, so that no file is ever written through a link this archive made.
+    for item in listed.iter().filter(|l| plan.symlinks.contains(&l.at)) {
+        let target = item.target.as_deref().unwrap_or_default();
+        visit(TreeEntry::Symlink {
+            name: &item.name,
+            target,
+        })?;
+    }
+    let chosen = listed.iter().find(|l| l.at == plan.chosen);
+    Ok(chosen.map(|l| l.name.clone()).unwrap_or_default())
+}
+
+/// Which entries [`unpack_tree`] writes, by `at`.
+struct TreePlan {
+    chosen: usize,
+    files: HashSet<usize>,
+    symlinks: HashSet<usize>,
+}
+
+/// Decide what to write, and refuse the archive before anything is written when that would be
+/// unsafe or more than `max_size` bytes by the archive's own account.
+fn plan_tree(
+    ctx: &Ctx<'_>,
+    listed: &[Listed],
+    want: &Want<'_>,
+    daemon: &str,
+    max_size: u64,
+) -> Result<TreePlan, UnpackError> {
+    let chosen = choose(listed, want)?;
+    let bin = format!("bin/{daemon}");
+    let mut plan = TreePlan {
+        chosen,
+        files: Default::default(),
+        symlinks: Default::default(),
+    };
+    let mut written: BTreeMap<&str, usize> = BTreeMap::new();
+    for item in listed {
+        let kept = match item.kind {
+            EntryKind::Directory => continue,
+            EntryKind::Regular | EntryKind::Symlink
+                if item.at != chosen && (item.name == bin || item.name == "bin") =>
+            {
+                tracing::debug!(
+                    "not unpacking `{}`: {bin} is where the daemon binary goes",
+                    item.name
+                );
+                continue;
+            }
+            EntryKind::Regular => &mut plan.files,
+            EntryKind::Symlink => &mut plan.symlinks,
+            EntryKind::HardLink => {
+                tracing::warn!(
+                    "not unpacking `{}`: a hard link (to `{}`); cvx unpacks regular files and symlinks",
+                    item.name,
+                    item.target.as_deref().unwrap_or_default()
+                );
+                continue;
+            }
+            other => {
+                tracing::debug!("not unpacking `{}`: {other}", item.name);
+                continue;
+            }
+        };
+        kept.insert(item.at);
+        *written.entry(&item.name).or_default() += 1;
+    }
+    if let Some((name, count)) = written.iter().find(|(_, n)| **n > 1) {
+        return Err(UnpackError::Duplicate {
+            member: (*name).to_owned(),
+            count: *count,
+        });
+    }
+    let links: HashSet<&str> = listed
+        .iter()
+        .filter(|l| plan.symlinks.contains(&l.at))
+        .map(|l| l.name.as_str())
+        .collect();
+    let kept = |l: &&Listed| plan.files.contains(&l.at) || plan.symlinks.contains(&l.at);
+    for item in listed.iter().filter(kept) {
+        let mut parent = item.name.as_str();
+        while let Some((up, _)) = parent.rsplit_once('/') {
+            if written.contains_key(up) {
+                return Err(UnpackError::UnsafeEntry {
+                    entry: item.name.clone(),
+                    reason: UnsafeReason::UnderNonDirectory {
+                        parent: up.to_owned(),
+                    },
+                });
+            }
+            parent = up;
+        }
+        if let Some(target) = item
+            .target
+            .as_deref()
+            .filter(|_| plan.symlinks.contains(&item.at))
+            && let Some(link) = climbs_through(&item.name, target, &links)
+        {
+            return Err(UnpackError::UnsafeEntry {
+                entry: item.name.clone(),
+                reason: UnsafeReason::SymlinkThroughLink {
+                    target: target.to_owned(),
+                    link,
+                },
+            });
+        }
+    }
+    let mut declared = Cap::new(max_size);
+    for item in listed.iter().filter(|l| plan.files.contains(&l.at)) {
+        declared.used = declared.used.saturating_add(item.size);
+        if declared.used > max_size {
+            return Err(declared.too_large(ctx, &item.name));
+        }
+    }
+    Ok(plan)
+}
+
+/// The archive symlink that a `..` in the target of symlink `name` would climb out of, if any.
+/// `..` after a symlink leaves from the link's target, not from where the path seems to be, so
+/// the lexical check of [`stays_inside`] holds only for targets that never do that.
+fn climbs_through(name: &str, target: &str, links: &HashSet<&str>) -> Option<String> {
+    let mut path: Vec<&str> = name.split('/').collect();
+    path.pop();
+    let mut through = None;
+    for c in target.split(['/', '\\']) {
+        match c {
+            "" | "." => {}
+            ".." => {
+                if through.is_some() {
+                    return through;
+                }
+                path.pop();
+            }
+            _ => {
+                path.push(c);
+                let here = path.join("/");
+                if links.contains(here.as_str()) {
+                    through = Some(here);
+                }
+            }
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -852,7 +1235,10 @@ mod tests {
 
     #[derive(Clone, Copy)]
     enum E<'a> {
+        /// A regular file with mode 0755.
         File(&'a str, &'a [u8]),
+        /// A regular file with mode 0644.
+        Plain(&'a str, &'a [u8]),
         Dir(&'a str),
         Symlink(&'a str, &'a str),
         HardLink(&'a str, &'a str),
@@ -872,7 +1258,10 @@ mod tests {
             h.set_mode(0o755);
             h.set_mtime(0);
             match e {
-                E::File(name, data) => {
+                E::File(name, data) | E::Plain(name, data) => {
+                    if matches!(e, E::Plain(..)) {
+                        h.set_mode(0o644);
+                    }
                     h.set_entry_type(tar::EntryType::Regular);
                     h.set_size(data.len() as u64);
                     b.append_data(&mut h, name, *data).unwrap();
@@ -980,6 +1369,10 @@ mod tests {
                     w.start_file(*name, opts).unwrap();
                     w.write_all(data).unwrap();
                 }
+                E::Plain(name, data) => {
+                    w.start_file(*name, opts.unix_permissions(0o644)).unwrap();
+                    w.write_all(data).unwrap();
+                }
                 E::Dir(name) => w.add_directory(*name, opts).unwrap(),
                 E::Symlink(name, target) => w.add_symlink(*name, *target, opts).unwrap(),
                 E::HardLink(..) | E::GnuLongName(..) | E::PaxPath(..) => {
@@ -989,6 +1382,9 @@ mod tests {
         }
         w.finish().unwrap().into_inner()
     }
+
+    /// No size limit worth the name, for the tests about something else.
+    const NO_CAP: u64 = u64::MAX;
 
     const TAR_KINDS: [ArchiveKind; 3] =
         [ArchiveKind::TarGz, ArchiveKind::TarXz, ArchiveKind::TarZst];
@@ -1018,7 +1414,7 @@ mod tests {
         std::fs::write(&archive, bytes).unwrap();
         let out_path = dir.path().join("out.tmp");
         let mut out = File::create(&out_path).unwrap();
-        let result = extract(&archive, kind, path, "osmosisd", &mut out);
+        let result = extract(&archive, kind, path, "osmosisd", NO_CAP, &mut out);
         drop(out);
         let out = std::fs::read(&out_path).unwrap();
         Run {
@@ -1652,14 +2048,14 @@ mod tests {
         };
         let mut out = tempfile::tempfile().unwrap();
         out.write_all(b"stale bytes from before").unwrap();
-        let x = second_pass(&ctx, Codec::Gz, 2, &mut out).unwrap();
+        let x = second_pass(&ctx, Codec::Gz, 2, NO_CAP, &mut out).unwrap();
         assert_eq!((x.member.as_str(), x.size), ("d/b", 6));
         let mut got = Vec::new();
         out.seek(SeekFrom::Start(0)).unwrap();
         out.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"second");
         assert!(matches!(
-            second_pass(&ctx, Codec::Gz, 9, &mut out),
+            second_pass(&ctx, Codec::Gz, 9, NO_CAP, &mut out),
             Err(UnpackError::Corrupt { .. })
         ));
     }
@@ -1757,8 +2153,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut out = tempfile::tempfile().unwrap();
         for kind in ALL_KINDS {
-            let e =
-                extract(&dir.path().join("gone"), kind, None, "osmosisd", &mut out).unwrap_err();
+            let e = extract(
+                &dir.path().join("gone"),
+                kind,
+                None,
+                "osmosisd",
+                NO_CAP,
+                &mut out,
+            )
+            .unwrap_err();
             assert!(
                 matches!(&e, UnpackError::Read { source, .. } if source.kind() == io::ErrorKind::NotFound),
                 "{e:?}"
@@ -1773,8 +2176,384 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut out = tempfile::tempfile().unwrap();
         for kind in ALL_KINDS {
-            let e = extract(dir.path(), kind, None, "osmosisd", &mut out).unwrap_err();
+            let e = extract(dir.path(), kind, None, "osmosisd", NO_CAP, &mut out).unwrap_err();
             assert!(matches!(e, UnpackError::Read { .. }), "{kind}: {e:?}");
+        }
+    }
+
+    // ---- the size cap --------------------------------------------------------------------------
+
+    const MIB: u64 = 1 << 20;
+
+    /// A reader that counts what was taken from it.
+    struct Counted<R> {
+        inner: R,
+        read: u64,
+    }
+
+    impl<R: Read> Read for Counted<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            self.read += n as u64;
+            Ok(n)
+        }
+    }
+
+    fn test_ctx(archive: &Path) -> Ctx<'_> {
+        Ctx {
+            archive,
+            kind: ArchiveKind::TarGz,
+            file_error: Rc::default(),
+        }
+    }
+
+    #[test]
+    fn the_copy_stops_at_the_cap_and_leaves_nothing() {
+        // An endless member: without the cap this would fill the disk.
+        let ctx = test_ctx(Path::new("bomb.tar.gz"));
+        let mut data = Counted {
+            inner: io::repeat(0),
+            read: 0,
+        };
+        let mut out = tempfile::tempfile().unwrap();
+        let mut cap = Cap::new(MIB);
+        let e = copy_member(&ctx, "bin/osmosisd", &mut data, &mut out, &mut cap).unwrap_err();
+        assert!(
+            matches!(&e, UnpackError::TooLarge { member, max, .. } if member == "bin/osmosisd" && *max == MIB),
+            "{e:?}"
+        );
+        assert!(data.read <= MIB + BUF as u64, "read {} bytes", data.read);
+        assert_eq!(out.metadata().unwrap().len(), 0, "out not emptied");
+        assert_eq!(cap.used, 0);
+    }
+
+    #[test]
+    fn one_cap_counts_every_file_of_an_unpack() {
+        let ctx = test_ctx(Path::new("a.zip"));
+        let mut out = tempfile::tempfile().unwrap();
+        let mut cap = Cap::new(MIB);
+        let half = vec![1u8; (MIB / 2) as usize];
+        let x = copy_member(&ctx, "lib/a.so", &mut &half[..], &mut out, &mut cap).unwrap();
+        assert_eq!((x.size, cap.used), (MIB / 2, MIB / 2));
+        let x = copy_member(&ctx, "lib/b.so", &mut &half[..], &mut out, &mut cap).unwrap();
+        assert_eq!(
+            (x.size, cap.used),
+            (MIB / 2, MIB),
+            "exactly the cap is allowed"
+        );
+        let e = copy_member(&ctx, "lib/c.so", &mut &[1u8][..], &mut out, &mut cap).unwrap_err();
+        assert!(
+            matches!(&e, UnpackError::TooLarge { member, .. } if member == "lib/c.so"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_member_inflating_past_the_cap_is_refused_in_every_format() {
+        let zeros = vec![0u8; 3 * MIB as usize];
+        let exact = vec![7u8; MIB as usize];
+        for kind in ALL_KINDS {
+            let bytes = build(
+                kind,
+                &[E::File("README", b"r"), E::File("bin/osmosisd", &zeros)],
+            );
+            assert!(bytes.len() < zeros.len() / 10, "{kind}: not a bomb");
+            for path in [None, Some("bin/osmosisd")] {
+                let dir = tempfile::tempdir().unwrap();
+                let archive = dir.path().join("bomb");
+                std::fs::write(&archive, &bytes).unwrap();
+                let mut out = tempfile::tempfile().unwrap();
+                let e = extract(&archive, kind, path, "osmosisd", MIB, &mut out).unwrap_err();
+                assert_eq!(out.metadata().unwrap().len(), 0, "{kind}: out not emptied");
+                assert!(
+                    matches!(&e, UnpackError::TooLarge { member, max: MIB, .. } if member == "bin/osmosisd"),
+                    "{kind}: {e:?}"
+                );
+                assert_eq!(
+                    e.to_string(),
+                    format!(
+                        "unpacking member `bin/osmosisd` of archive `{}` would write more than \
+                         the size limit of 1 MiB; stopped there\nhint: if the archive is genuine \
+                         (not a decompression bomb), raise the limit with --max-size (cvx apply) or \
+                         CVX_MAX_SIZE (cvx run)",
+                        archive.display()
+                    )
+                );
+            }
+            // A member of exactly the cap is fine.
+            let r = run_bytes(
+                kind,
+                &build(kind, &[E::File("bin/osmosisd", &exact)]),
+                Some("bin/osmosisd"),
+            );
+            let got = r.result.as_ref().unwrap();
+            assert_eq!(got.size, MIB);
+        }
+    }
+
+    #[test]
+    fn a_candidate_over_the_cap_that_is_not_chosen_is_no_error() {
+        let big = vec![0u8; 2 * MIB as usize];
+        for kind in TAR_KINDS {
+            let archive = build(
+                kind,
+                &[E::File("README", &big), E::File("bin/osmosisd", b"daemon")],
+            );
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("a");
+            std::fs::write(&path, &archive).unwrap();
+            let mut out = tempfile::tempfile().unwrap();
+            let x = extract(&path, kind, None, "osmosisd", MIB, &mut out).unwrap();
+            assert_eq!((x.member.as_str(), x.size), ("bin/osmosisd", 6), "{kind}");
+        }
+    }
+
+    #[test]
+    fn sizes_show_in_mib_when_they_are_whole() {
+        assert_eq!(show_size(4096 * MIB), "4096 MiB");
+        assert_eq!(show_size(MIB), "1 MiB");
+        assert_eq!(show_size(4_999), "4999 bytes");
+    }
+
+    // ---- the whole archive ---------------------------------------------------------------------
+
+    /// What `unpack_tree` handed over, in order: files with their bytes, and symlinks.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Got {
+        /// name, executable, daemon, bytes
+        File(String, bool, bool, Vec<u8>),
+        Link(String, String),
+    }
+
+    fn tree_run(
+        kind: ArchiveKind,
+        bytes: &[u8],
+        path: Option<&str>,
+        max_size: u64,
+    ) -> (Vec<Got>, Result<String, UnpackError>) {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("artifact");
+        std::fs::write(&archive, bytes).unwrap();
+        let mut got = Vec::new();
+        let result = unpack_tree(&archive, kind, path, "osmosisd", max_size, |entry| {
+            match entry {
+                TreeEntry::File(m) => {
+                    let (name, executable, daemon) = (m.name.to_owned(), m.executable, m.daemon);
+                    let mut out = tempfile::tempfile().unwrap();
+                    let x = m.copy_to(&mut out)?;
+                    let mut bytes = Vec::new();
+                    out.seek(SeekFrom::Start(0)).unwrap();
+                    out.read_to_end(&mut bytes).unwrap();
+                    assert_eq!((x.member.as_str(), x.sha256), (name.as_str(), sha(&bytes)));
+                    got.push(Got::File(name, executable, daemon, bytes));
+                }
+                TreeEntry::Symlink { name, target } => {
+                    got.push(Got::Link(name.to_owned(), target.to_owned()));
+                }
+            }
+            Ok::<_, UnpackError>(())
+        });
+        (got, result)
+    }
+
+    fn file(name: &str, executable: bool, daemon: bool, bytes: &[u8]) -> Got {
+        Got::File(name.into(), executable, daemon, bytes.to_vec())
+    }
+
+    #[test]
+    fn the_whole_archive_is_handed_over_with_inside_symlinks_last() {
+        for kind in ALL_KINDS {
+            let archive = build(
+                kind,
+                &[
+                    E::Dir("bin/"),
+                    E::File("bin/osmosisd", b"daemon"),
+                    E::Dir("lib/"),
+                    E::Symlink("lib/libwasmvm.so", "libwasmvm.x86_64.so"),
+                    E::File("lib/libwasmvm.x86_64.so", b"lib"),
+                    E::Plain("README.md", b"notes"),
+                    E::File("tools/helper", b"helper"),
+                ],
+            );
+            let (got, result) = tree_run(kind, &archive, None, NO_CAP);
+            assert_eq!(result.unwrap(), "bin/osmosisd", "{kind}");
+            assert_eq!(
+                got,
+                vec![
+                    file("bin/osmosisd", true, true, b"daemon"),
+                    file("lib/libwasmvm.x86_64.so", true, false, b"lib"),
+                    file("README.md", false, false, b"notes"),
+                    file("tools/helper", true, false, b"helper"),
+                    Got::Link("lib/libwasmvm.so".into(), "libwasmvm.x86_64.so".into()),
+                ],
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_daemon_follows_the_member_rules_and_owns_bin_daemon() {
+        for kind in ALL_KINDS {
+            let archive = build(
+                kind,
+                &[
+                    E::File("osmosisd-26/bin/osmosisd", b"the daemon"),
+                    E::File("bin/osmosisd", b"a decoy"),
+                    E::File("osmosisd-26/lib/libwasmvm.so", b"lib"),
+                ],
+            );
+            let (got, result) =
+                tree_run(kind, &archive, Some("./osmosisd-26/bin/osmosisd"), NO_CAP);
+            assert_eq!(result.unwrap(), "osmosisd-26/bin/osmosisd", "{kind}");
+            assert_eq!(
+                got,
+                vec![
+                    file("osmosisd-26/bin/osmosisd", true, true, b"the daemon"),
+                    file("osmosisd-26/lib/libwasmvm.so", true, false, b"lib"),
+                ],
+                "{kind}: bin/osmosisd is where the chosen daemon goes"
+            );
+            // The member rules' errors are extract's.
+            let (got, result) = tree_run(kind, &archive, Some("bin/missing"), NO_CAP);
+            assert!(
+                matches!(result, Err(UnpackError::NoSuchMember { .. })),
+                "{kind}"
+            );
+            assert_eq!(got, vec![], "{kind}: visited before refusing");
+        }
+    }
+
+    #[test]
+    fn the_whole_archive_is_refused_before_anything_is_handed_over() {
+        let bad: Vec<(Vec<E<'_>>, &str, UnsafeReason)> = vec![
+            (
+                vec![E::File("bin/osmosisd", b"d"), E::RawFile("../evil", b"x")],
+                "../evil",
+                UnsafeReason::ParentDir,
+            ),
+            (
+                vec![
+                    E::File("bin/osmosisd", b"d"),
+                    E::Symlink("lib/evil", "../../x"),
+                ],
+                "lib/evil",
+                UnsafeReason::SymlinkOut {
+                    target: "../../x".into(),
+                },
+            ),
+            (
+                // A file written under a link of the archive would land where the link points.
+                vec![
+                    E::File("bin/osmosisd", b"d"),
+                    E::Symlink("lib", "bin"),
+                    E::File("lib/x", b"x"),
+                ],
+                "lib/x",
+                UnsafeReason::UnderNonDirectory {
+                    parent: "lib".into(),
+                },
+            ),
+            (
+                // `a/b` is the root; `..` from there leaves the archive though the text stays in.
+                vec![
+                    E::File("bin/osmosisd", b"d"),
+                    E::Symlink("a/b", ".."),
+                    E::Symlink("a/c", "b/../../x"),
+                ],
+                "a/c",
+                UnsafeReason::SymlinkThroughLink {
+                    target: "b/../../x".into(),
+                    link: "a/b".into(),
+                },
+            ),
+        ];
+        for kind in TAR_KINDS {
+            for (entries, entry, reason) in &bad {
+                let (got, result) = tree_run(kind, &build(kind, entries), None, NO_CAP);
+                assert_eq!(got, vec![], "{kind} {entry}: visited before refusing");
+                assert_refused(
+                    &result.unwrap_err(),
+                    entry,
+                    reason,
+                    &format!("{kind} {entry}"),
+                );
+            }
+            let dup = build(
+                kind,
+                &[
+                    E::File("bin/osmosisd", b"d"),
+                    E::File("lib/x", b"1"),
+                    E::File("./lib/x", b"2"),
+                ],
+            );
+            let (got, result) = tree_run(kind, &dup, None, NO_CAP);
+            assert_eq!(got, vec![]);
+            assert!(
+                matches!(&result, Err(UnpackError::Duplicate { member, count: 2 }) if member == "lib/x"),
+                "{kind}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hard_links_and_devices_are_skipped() {
+        for kind in TAR_KINDS {
+            let archive = build(
+                kind,
+                &[
+                    E::File("bin/osmosisd", b"d"),
+                    E::File("lib/libwasmvm.x86_64.so", b"lib"),
+                    E::HardLink("lib/libwasmvm.so", "lib/libwasmvm.x86_64.so"),
+                ],
+            );
+            let (got, result) = tree_run(kind, &archive, None, NO_CAP);
+            result.unwrap();
+            assert_eq!(
+                got,
+                vec![
+                    file("bin/osmosisd", true, true, b"d"),
+                    file("lib/libwasmvm.x86_64.so", true, false, b"lib"),
+                ],
+                "{kind}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_bomb_anywhere_in_the_archive_is_refused_before_anything_is_written() {
+        let zeros = vec![0u8; 3 * MIB as usize];
+        for kind in ALL_KINDS {
+            let archive = build(
+                kind,
+                &[
+                    E::File("bin/osmosisd", b"daemon"),
+                    E::File("lib/libwasmvm.so", &zeros),
+                ],
+            );
+            let (got, result) = tree_run(kind, &archive, None, MIB);
+            assert_eq!(got, vec![], "{kind}: visited before refusing");
+            assert!(
+                matches!(&result, Err(UnpackError::TooLarge { member, max: MIB, .. }) if member == "lib/libwasmvm.so"),
+                "{kind}: {result:?}"
+            );
+            // The total counts: two files under the cap each, over it together.
+            let half = vec![1u8; (MIB / 2 + 1) as usize];
+            let archive = build(
+                kind,
+                &[
+                    E::File("bin/osmosisd", &half),
+                    E::File("lib/libwasmvm.so", &half),
+                ],
+            );
+            let (got, result) = tree_run(kind, &archive, None, MIB);
+            assert_eq!(got, vec![], "{kind}");
+            assert!(
+                matches!(&result, Err(UnpackError::TooLarge { member, .. }) if member == "lib/libwasmvm.so"),
+                "{kind}: {result:?}"
+            );
+            let (got, result) = tree_run(kind, &archive, None, MIB + 2);
+            result.unwrap();
+            assert_eq!(got.len(), 2, "{kind}: exactly the cap is allowed");
         }
     }
 }

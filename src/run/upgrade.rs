@@ -312,7 +312,12 @@ async fn download(
     .await
     .map_err(|e| download_err(error_chain(&e)))?;
     let destination = format!("{dir}/bin/{}", config.name);
-    let (layout, daemon, file) = (layout.clone(), config.name.clone(), fetched.path.clone());
+    let (layout, daemon, file, dir) = (
+        layout.clone(),
+        config.name.clone(),
+        fetched.path.clone(),
+        dir.to_string(),
+    );
     let result = tokio::task::spawn_blocking(move || {
         let staging = apply::Staging {
             url: &url,
@@ -321,14 +326,19 @@ async fn download(
             daemon: &daemon,
             destination: &destination,
             mode: install::BINARY_MODE,
+            max_size: options.max_size,
         };
-        let result = apply::stage(&layout, &file, &staging, true);
+        // As Cosmovisor does: the whole archive (bin/ and lib/), so the libraries shipped beside
+        // the binary are there when it starts.
+        let result = apply::stage_archive_tree(&layout, &file, &staging, &dir);
         let _ = fs::remove_file(&file);
         result
     })
     .await
     .expect("staging does not panic");
-    result.map(drop).map_err(download_err)
+    let staged = result.map_err(download_err)?;
+    info!(upgrade = %plan.name, height = plan.height, "staged {}", staged.join(", "));
+    Ok(())
 }
 
 /// `COSMOVISOR_CUSTOM_PREUPGRADE <name> <height>` in the home, made executable for its owner first

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Cursor, Write};
+use std::io::{self, Cursor, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -1089,4 +1089,162 @@ fn json_mode_prints_one_document_even_when_apply_cannot_start() {
         "{report:#}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing required table [genesis]"));
+}
+
+/// `cvx apply --json <extra>` with the kernel refusing to let it grow any file past
+/// `file_limit` bytes (RLIMIT_FSIZE: a write past it kills the process with SIGXFSZ), so a test
+/// proves what was never written, not only what is left afterwards.
+fn apply_with_file_limit(ctx: &Ctx, extra: &[&str], file_limit: u64, code: i32) -> Value {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_cvx"));
+    cmd.current_dir(ctx.dir.path());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("DAEMON_") || key.starts_with("CVX_") || key.starts_with("COSMOVISOR_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("NO_COLOR", "1")
+        .arg("apply")
+        .arg("--home")
+        .arg(&ctx.home)
+        .arg("--json")
+        .args(extra);
+    // SAFETY: between fork and exec the closure only makes two system calls, which is
+    // async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+            let hard = getrlimit(Resource::Fsize).maximum;
+            setrlimit(
+                Resource::Fsize,
+                Rlimit {
+                    current: Some(file_limit),
+                    maximum: hard,
+                },
+            )
+            .map_err(io::Error::from)
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        (out.status.code(), out.status.signal()),
+        (Some(code), None),
+        "unexpected exit (killed by SIGXFSZ: a file grew past {file_limit} bytes)\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("no JSON ({e})\n{stdout}\n{stderr}"))
+}
+
+#[test]
+fn max_size_caps_the_unpacked_bytes_and_nothing_grows_past_it() {
+    const MIB: usize = 1 << 20;
+    let ctx = Ctx::new();
+    let server = Server::start();
+    // 32 MiB of zeros: a few tens of KiB compressed, well under the 1 MiB download cap.
+    let zeros = vec![0u8; 32 * MIB];
+    let bomb_tgz = tar_gz(&[
+        Entry::File("README.md", README),
+        Entry::File("bin/simd", &zeros),
+    ]);
+    let bomb_zip = zip(&[("bin/simd", &zeros[..])]);
+    // Exactly the cap, and just under it: staged.
+    let at_cap = vec![0u8; MIB];
+    let fits_tgz = tar_gz(&[Entry::File("bin/simd", &at_cap)]);
+    let fits_zip = zip(&[("bin/simd", &at_cap[..MIB - 1])]);
+    for archive in [&bomb_tgz, &bomb_zip, &fits_tgz, &fits_zip] {
+        assert!(archive.len() < MIB / 4, "{} bytes", archive.len());
+    }
+    let genesis = serve(&server, "/g", GENESIS, Fault::None);
+    manifest(
+        &ctx,
+        &genesis,
+        &[
+            up(
+                "bomb-tgz",
+                serve(&server, "/bomb.tar.gz", &bomb_tgz, Fault::None),
+            ),
+            up(
+                "bomb-zip",
+                serve(&server, "/bomb.zip", &bomb_zip, Fault::None),
+            ),
+            up(
+                "fits-tgz",
+                serve(&server, "/fits.tar.gz", &fits_tgz, Fault::None),
+            ),
+            up(
+                "fits-zip",
+                serve(&server, "/fits.zip", &fits_zip, Fault::None),
+            ),
+        ],
+    );
+
+    let report = apply_with_file_limit(&ctx, &["--max-size", "1"], MIB as u64, 1);
+    for (dir, archive) in [("bomb-tgz", &bomb_tgz), ("bomb-zip", &bomb_zip)] {
+        let destination = format!("upgrades/{dir}/bin/simd");
+        assert_eq!(action(&report, &destination)["status"], "failed");
+        let part = ctx.cosmovisor(&format!(".cvx/partial/{}.part", sha256(archive)));
+        assert_eq!(
+            error_of(&report, &destination),
+            format!(
+                "unpacking member `bin/simd` of archive `{}` would write more than the size \
+                 limit of 1 MiB; stopped there\nhint: if the archive is genuine (not a \
+                 decompression bomb), raise the limit with --max-size (cvx apply) or CVX_MAX_SIZE (cvx run)",
+                part.display()
+            )
+        );
+        assert!(!ctx.cosmovisor(&destination).exists(), "{destination}");
+        assert!(
+            !ctx.cosmovisor(&format!(".cvx/receipts/{destination}.json"))
+                .exists(),
+            "{destination}"
+        );
+    }
+    assert_eq!(
+        fs::read(ctx.cosmovisor("upgrades/fits-tgz/bin/simd")).unwrap(),
+        at_cap
+    );
+    assert_eq!(
+        fs::read(ctx.cosmovisor("upgrades/fits-zip/bin/simd")).unwrap(),
+        &at_cap[..MIB - 1]
+    );
+    for dir in ["fits-tgz", "fits-zip"] {
+        assert_eq!(
+            action(&report, &format!("upgrades/{dir}/bin/simd"))["status"],
+            "changed"
+        );
+    }
+    // Nothing anywhere in the home, `.cvx/` included, is larger than the cap; no temp file
+    // is left; only verified bytes are in the tree.
+    for path in walk(&ctx.home) {
+        let meta = fs::symlink_metadata(&path).unwrap();
+        assert!(
+            meta.len() <= MIB as u64,
+            "{} holds {} bytes",
+            path.display(),
+            meta.len()
+        );
+        let name = path.file_name().unwrap().to_string_lossy();
+        assert!(
+            !name.starts_with(".cvx-"),
+            "temp file left: {}",
+            path.display()
+        );
+    }
+    assert_only_verified(
+        &ctx,
+        &BTreeMap::from([
+            ("genesis/bin/simd", sha256(GENESIS)),
+            ("upgrades/fits-tgz/bin/simd", sha256(&at_cap)),
+            ("upgrades/fits-zip/bin/simd", sha256(&at_cap[..MIB - 1])),
+        ]),
+    );
+    assert_eq!(partials(&ctx), Vec::<String>::new());
+
+    // The default cap (4096 MiB) lets the same archive through.
+    let (report, _) = apply(&ctx, &[], 0);
+    assert_eq!(
+        action(&report, "upgrades/bomb-tgz/bin/simd")["size"],
+        json!(zeros.len())
+    );
 }

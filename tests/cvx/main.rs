@@ -18,4 +18,5 @@ mod plan;
 mod run;
 mod runnable;
 mod status;
+mod unpack_cap;
 mod verify;

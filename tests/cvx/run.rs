@@ -2062,3 +2062,90 @@ fn rollback_undoes_an_upgrade_and_the_old_binary_runs_again_from_the_pre_upgrade
     assert_eq!(applied(&ctx), Vec::<String>::new());
     assert_eq!(height(&ctx), Some(6));
 }
+
+#[test]
+fn an_auto_downloaded_archive_keeps_its_libraries_beside_the_binary() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let server = Server::start();
+    let url = server.url("/simd.zip");
+    // The new binary refuses to run without the library shipped beside it, as a wasmd build
+    // linked against libwasmvm does.
+    let v2 = script(
+        "test -f \"$DAEMON_HOME/cosmovisor/current/lib/libwasmvm.x86_64.so\" || exit 42\n",
+        "--sim-handlers v2 --sim-exit-at 5 0",
+    );
+    let lib = b"\x7fELF not really libwasmvm".to_vec();
+    let zipped = zip(&[("bin/simd", &v2), ("lib/libwasmvm.x86_64.so", &lib)]);
+    server.add("/simd.zip", zipped.clone(), Fault::None);
+    genesis_with_info(
+        &ctx,
+        &format!(
+            r#"{{"binaries":{{"{}":"{url}?checksum=sha256:{}"}}}}"#,
+            platform(),
+            sha256(&zipped)
+        ),
+    );
+
+    let (_, stderr) = run_cvx(&ctx, &[DOWNLOAD], &[], 0);
+
+    assert_downloaded(&ctx, &v2, &url);
+    assert_eq!(
+        fs::read(ctx.cosmovisor("upgrades/v2/lib/libwasmvm.x86_64.so")).unwrap(),
+        lib,
+        "{stderr}"
+    );
+    let receipt = json(&ctx.cosmovisor(".cvx/receipts/upgrades/v2/lib/libwasmvm.x86_64.so.json"));
+    assert_eq!(receipt["sha256"], sha256(&lib));
+    assert_eq!(receipt["member"], "lib/libwasmvm.x86_64.so");
+}
+
+#[test]
+fn an_auto_downloaded_decompression_bomb_is_refused_without_filling_the_disk() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let server = Server::start();
+    let url = server.url("/simd.zip");
+    // 32 MiB of zeros deflate to a few tens of KiB: far under the download cap, far over the
+    // unpacked one.
+    let zipped = zip(&[("bin/simd", &vec![0u8; 32 << 20])]);
+    assert!(zipped.len() < 1 << 20);
+    server.add("/simd.zip", zipped.clone(), Fault::None);
+    genesis_with_info(
+        &ctx,
+        &format!(
+            r#"{{"binaries":{{"{}":"{url}?checksum=sha256:{}"}}}}"#,
+            platform(),
+            sha256(&zipped)
+        ),
+    );
+
+    let (_, stderr) = run_cvx(&ctx, &[DOWNLOAD, ("CVX_MAX_SIZE", "1")], &[], 1);
+
+    assert!(
+        stderr.contains("unpacking member `bin/simd`")
+            && stderr.contains("size limit of 1 MiB")
+            && stderr.contains("CVX_MAX_SIZE"),
+        "{stderr}"
+    );
+    assert_eq!(current(&ctx), "genesis");
+    assert!(!ctx.cosmovisor("upgrades/v2/bin/simd").exists());
+    fn largest(dir: &Path) -> u64 {
+        fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| {
+                        let meta = fs::symlink_metadata(e.path()).unwrap();
+                        if meta.is_dir() {
+                            largest(&e.path())
+                        } else {
+                            meta.len()
+                        }
+                    })
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    }
+    assert!(largest(&ctx.home) <= 1 << 20, "a file grew past the cap");
+}
