@@ -75,6 +75,10 @@ fn run() -> Result<()> {
             .map_err(|e| format!("cannot make a temp dir: {e}"))?;
         let data = dir.path().join("data-template");
         let (tables, bytes) = lsm_data(&data, mib)?;
+        // The template's own writes flushed now, not by whatever syncs next.
+        Command::new("sync")
+            .status()
+            .map_err(|e| format!("cannot run sync: {e}"))?;
         println!();
         println!(
             "data/: {} MiB in {tables} tables of 2 MiB, {:.1} MiB of mutable files (load average: {})",

@@ -42,6 +42,9 @@ sim options (must come before the daemon's arguments):
   --sim-rpc                           serve GET /status at [rpc] laddr of $HOME/config/config.toml
   --sim-rpc-height-offset N           report a height N lower than the real one on /status
   --sim-exit-at HEIGHT CODE           exit with CODE on reaching HEIGHT
+  --sim-halt exit|stay                what `--halt-height H` (a daemon argument) does once H is
+                                      committed: exit 0 (SDK <= 0.47), or stay up refusing the
+                                      next block with the RPC alive (SDK 0.50; the default)
 
 home: --home DIR in the daemon arguments, else $DAEMON_HOME";
 
@@ -67,6 +70,14 @@ struct Sim {
     rpc: bool,
     rpc_height_offset: u64,
     exit_at: Option<(u64, u8)>,
+    halt: Halt,
+}
+
+/// How the node honours `--halt-height`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Halt {
+    Exit,
+    Stay,
 }
 
 impl Default for Sim {
@@ -82,6 +93,7 @@ impl Default for Sim {
             rpc: false,
             rpc_height_offset: 0,
             exit_at: None,
+            halt: Halt::Stay,
         }
     }
 }
@@ -211,6 +223,13 @@ fn parse_sim_args(args: &[String]) -> Result<(Sim, Vec<String>), String> {
                 let code = parse_num(flag, &value("HEIGHT CODE")?)?;
                 sim.exit_at = Some((height, code));
             }
+            "--sim-halt" => {
+                sim.halt = match value("exit or stay")?.as_str() {
+                    "exit" => Halt::Exit,
+                    "stay" => Halt::Stay,
+                    other => return Err(format!("--sim-halt: {other:?} is neither exit nor stay")),
+                }
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -254,6 +273,24 @@ fn home_dir(daemon_args: &[String]) -> Option<PathBuf> {
     std::env::var_os("DAEMON_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
+}
+
+/// `--halt-height H` / `--halt-height=H` in the daemon args (0 means none, as in the SDK).
+fn halt_height(daemon_args: &[String]) -> Result<Option<u64>, String> {
+    let mut iter = daemon_args.iter();
+    let mut found = None;
+    while let Some(arg) = iter.next() {
+        let value = if arg == "--halt-height" {
+            iter.next().cloned()
+        } else if let Some(v) = arg.strip_prefix("--halt-height=") {
+            Some(v.to_string())
+        } else {
+            continue;
+        };
+        let value = value.ok_or("--halt-height needs a height")?;
+        found = Some(parse_num::<u64>("--halt-height", &value)?);
+    }
+    Ok(found.filter(|h| *h > 0))
 }
 
 /// Heights from `--unsafe-skip-upgrades H [H...]` (values may also be comma-separated).
@@ -333,8 +370,12 @@ fn start(sim: Sim, daemon_args: &[String]) -> ExitCode {
         Err(e) => return fail(&format!("cannot start the runtime: {e}")),
     };
     let skips = skip_heights(daemon_args);
+    let halt_height = match halt_height(daemon_args) {
+        Ok(h) => h,
+        Err(e) => return usage_error(&e),
+    };
     runtime.block_on(async move {
-        match Node::new(sim, home, skips) {
+        match Node::new(sim, home, skips, halt_height) {
             Ok(node) => node.run().await,
             Err(e) => fail(&e),
         }
@@ -371,6 +412,8 @@ struct Node {
     sim: Sim,
     data: PathBuf,
     skips: BTreeSet<u64>,
+    /// `--halt-height`: stop once this height is committed.
+    halt_height: Option<u64>,
     /// Plans on chain: the schedule plus a pending plan named by `data/upgrade-info.json`.
     plans: Vec<Plan>,
     applied: BTreeSet<String>,
@@ -382,7 +425,12 @@ struct Node {
 }
 
 impl Node {
-    fn new(sim: Sim, home: PathBuf, skips: BTreeSet<u64>) -> Result<Node, String> {
+    fn new(
+        sim: Sim,
+        home: PathBuf,
+        skips: BTreeSet<u64>,
+        halt_height: Option<u64>,
+    ) -> Result<Node, String> {
         // Handlers first, so SIGTERM from here on is a graceful shutdown, never the default kill.
         let signals = Signals {
             term: signal(SignalKind::terminate())
@@ -429,6 +477,7 @@ impl Node {
             sim,
             data,
             skips,
+            halt_height,
             plans,
             applied,
             resume: height,
@@ -465,6 +514,14 @@ impl Node {
                         ));
                     }
                 }
+            }
+            // The SDK checks the halt height after a commit: a node restarted at or past it
+            // (exit flavour) commits one more block first, as some versions do.
+            if let Some(halt) = self.halt_height
+                && self.height >= halt
+                && !(first && self.sim.halt == Halt::Exit)
+            {
+                return self.halt_at_height(halt).await;
             }
             first = false;
             if let Some((at, code)) = self.sim.exit_at
@@ -537,6 +594,27 @@ impl Node {
         ));
         let sig = self.signals.recv().await;
         self.shutdown(sig).await
+    }
+
+    /// `--halt-height` reached: exit 0, or stay up (RPC alive) refusing the next block.
+    async fn halt_at_height(mut self, halt: u64) -> ExitCode {
+        match self.sim.halt {
+            Halt::Exit => {
+                out(&format!(
+                    "INF halting node per configuration height={} halt-height={halt} module=server",
+                    self.height
+                ));
+                ExitCode::SUCCESS
+            }
+            Halt::Stay => {
+                out(&format!(
+                    "ERR halt per configuration: refusing block height={} halt-height={halt} module=consensus",
+                    self.height + 1
+                ));
+                let sig = self.signals.recv().await;
+                self.shutdown(sig).await
+            }
+        }
     }
 
     async fn shutdown(self, sig: &str) -> ExitCode {

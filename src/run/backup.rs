@@ -430,6 +430,8 @@ impl<'a> Copier<'a> {
                 self.copy_tree(&entry.path(), &to.join(entry.file_name()), database)?;
             }
             fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+            // Per file and directory, not syncfs: that would also flush whatever else is dirty on
+            // the disk (the node's own recent writes), a cost no one could predict.
             sync_dir(to)
         } else if file_type.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(from)?, to)

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use crate::manifest::{Artifact, Manifest};
-use crate::tree::{self, Layout};
+use crate::manifest::{Artifact, Manifest, Trigger};
+use crate::tree::{self, Layout, PlanInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BinaryError {
@@ -86,6 +86,30 @@ impl Pins {
             platform: crate::cli::host_platform(),
             recase,
         }))
+    }
+
+    /// The first upgrade with `trigger = "halt-height"` after `stage` in the manifest (all of
+    /// them when the manifest does not name the stage), as the plan cvx will perform.
+    pub fn scheduled_after(&self, stage: &str) -> Option<PlanInfo> {
+        let upgrades = &self.manifest.upgrades;
+        let from = if stage == tree::GENESIS {
+            0
+        } else {
+            upgrades
+                .iter()
+                .position(|u| tree::upgrade_dir(&u.name, self.recase) == stage)
+                .map_or(0, |i| i + 1)
+        };
+        upgrades[from..]
+            .iter()
+            .find(|u| u.trigger == Trigger::HaltHeight)
+            .and_then(|u| {
+                Some(PlanInfo {
+                    name: u.name.clone(),
+                    height: u.height?,
+                    info: String::new(),
+                })
+            })
     }
 
     /// The pin of `stage` (`genesis` or `upgrades/<dir>`) for this host, if the manifest has one.

@@ -53,6 +53,12 @@ pub enum RunError {
     AlreadySupervised { pid: u32, home: PathBuf },
     #[error(transparent)]
     SupervisorLock(backup::BackupError),
+    #[error("upgrade {name:?} is scheduled at height {height} (trigger = \"halt-height\"), and cvx can tell that the node halted there only from its RPC, but {} names none ([rpc] laddr)", config.display())]
+    ScheduledWithoutRpc {
+        name: String,
+        height: u64,
+        config: PathBuf,
+    },
     #[error("cannot set up the supervisor")]
     Setup(#[source] std::io::Error),
 }
@@ -116,6 +122,9 @@ impl RunError {
                 Some("see README, `cvx run`, for every variable and its default".into())
             }
             RunError::Binary(e) => e.hint(),
+            RunError::ScheduledWithoutRpc { .. } => Some(
+                "enable the node's RPC on loopback (e.g. laddr = \"tcp://127.0.0.1:26657\")".into(),
+            ),
             RunError::Upgrade { source, .. } => match &**source {
                 UpgradeError::Binary(e) => e.hint(),
                 _ => None,
@@ -223,6 +232,43 @@ struct Detector {
     /// A plan that fired while the node's RPC said its height was not reached yet.
     armed: Option<PlanInfo>,
     said_waiting: bool,
+    /// The manifest's next scheduled upgrade (`trigger = "halt-height"`) for the running daemon.
+    scheduled: Option<Halt>,
+}
+
+/// Watching for the node to halt at a scheduled upgrade's height (DESIGN §5.1).
+struct Halt {
+    plan: PlanInfo,
+    /// The highest height the node's RPC reported, and how many checks in a row reported it.
+    seen: Option<u64>,
+    unchanged: u32,
+}
+
+/// Checks in a row at the same height (at or past the halt height) that mean the node stopped
+/// making blocks: the SDK 0.50 way of halting, process up and RPC alive.
+const STALLED_CHECKS: u32 = 3;
+
+impl Halt {
+    /// Record the node's height; true once the node is known halted at or past the height.
+    fn observe(&mut self, height: u64) -> bool {
+        if self.seen == Some(height) {
+            self.unchanged += 1;
+        } else {
+            self.unchanged = 1;
+            if height + 1 >= self.plan.height && self.seen.is_none_or(|s| s + 1 < self.plan.height)
+            {
+                info!(upgrade = %self.plan.name, height = self.plan.height, "the node reached height {height}: the scheduled halt is next");
+            }
+        }
+        self.seen = Some(self.seen.map_or(height, |s| s.max(height)));
+        height >= self.plan.height && self.unchanged >= STALLED_CHECKS
+    }
+
+    /// Whether a daemon that exited by itself halted for this upgrade (SDK <= 0.47: it commits
+    /// the height and exits), judged by the last height its RPC reported. Never early.
+    fn exited_at_height(&self) -> bool {
+        self.seen.is_some_and(|h| h + 1 >= self.plan.height)
+    }
 }
 
 impl Detector {
@@ -271,16 +317,38 @@ impl Detector {
     }
 
     /// The plan to perform now that the daemon has exited by itself: one armed earlier (the RPC
-    /// gate was still closed), or one it wrote just before exiting.
+    /// gate was still closed), one it wrote just before exiting, or the scheduled upgrade whose
+    /// height it had reached.
     fn exited(&mut self) -> Option<PlanInfo> {
-        self.armed.take().or_else(|| self.fired())
+        self.armed.take().or_else(|| self.fired()).or_else(|| {
+            let halt = self.scheduled.as_ref()?;
+            if halt.exited_at_height() {
+                info!(upgrade = %halt.plan.name, height = halt.plan.height, "the daemon exited at its halt height (its RPC last reported {}): the scheduled upgrade is due", halt.seen.unwrap_or_default());
+                Some(halt.plan.clone())
+            } else {
+                None
+            }
+        })
+    }
+
+    /// The scheduled upgrade, once the node's RPC shows it halted at its height.
+    async fn halted(&mut self) -> Option<PlanInfo> {
+        let halt = self.scheduled.as_mut()?;
+        let height = watch::node_height(self.rpc.as_deref()?).await?;
+        debug!(upgrade = %halt.plan.name, height = halt.plan.height, "scheduled upgrade: the node's RPC reports height {height}");
+        if halt.observe(height) {
+            info!(upgrade = %halt.plan.name, height = halt.plan.height, "the node halted at height {height}: performing the scheduled upgrade");
+            return Some(halt.plan.clone());
+        }
+        None
     }
 
     /// After switching to `plan`, it is the current upgrade.
     fn switched(&mut self, plan: &PlanInfo) {
-        self.trigger = Trigger::new(plan.name.clone());
+        self.trigger = Trigger::new(Some(plan));
         self.trigger.fires(plan);
         self.armed = None;
+        self.scheduled = None;
     }
 }
 
@@ -316,12 +384,14 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
     let mut signals = Signals::new().map_err(RunError::Setup)?;
     let mut detector = Detector {
         watcher: Watcher::new(&layout.upgrade_info(), config.poll_interval),
-        trigger: Trigger::new(upgrade::current_upgrade(layout)),
+        trigger: Trigger::new(upgrade::current_upgrade(layout).as_ref()),
         skip: skip_heights(args),
         rpc: watch::rpc_address(&config.home),
         armed: None,
         said_waiting: false,
+        scheduled: None,
     };
+    let operator_halt = halt_height(args);
 
     // A restart after a missed switch: switch first, never start a binary that would halt again.
     if let Some(plan) = detector.fired() {
@@ -334,9 +404,24 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
 
     loop {
         let path = verified_current(config, layout)?;
+        let mut args = args.to_vec();
+        detector.scheduled = scheduled(config, layout, detector.rpc.is_some())?.map(|plan| {
+            match operator_halt {
+                Some(h) => info!(upgrade = %plan.name, height = plan.height, "scheduled upgrade next; the daemon's own --halt-height {h} stays"),
+                None => {
+                    info!(upgrade = %plan.name, height = plan.height, "scheduled upgrade next: starting the daemon with --halt-height {}", plan.height);
+                    args.extend(["--halt-height".into(), plan.height.to_string().into()]);
+                }
+            }
+            Halt {
+                plan,
+                seen: None,
+                unchanged: 0,
+            }
+        });
         let mut daemon = Daemon::launch(
             &path,
-            args,
+            &args,
             upgrade::library_path(layout, "current"),
             terminal,
         )
@@ -368,6 +453,9 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
                     if let Some(plan) = detector.ready().await {
                         break Outcome::Upgrade(plan);
                     }
+                    if let Some(plan) = detector.halted().await {
+                        break Outcome::Upgrade(plan);
+                    }
                 }
             }
         };
@@ -396,6 +484,44 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
             }
         }
     }
+}
+
+/// `--halt-height H` / `--halt-height=H` in the daemon's args: the operator's own halt wins.
+fn halt_height(args: &[OsString]) -> Option<u64> {
+    let mut iter = args.iter().filter_map(|a| a.to_str());
+    let mut found = None;
+    while let Some(arg) = iter.next() {
+        if arg == "--halt-height" {
+            found = iter.next().and_then(|h| h.parse().ok());
+        } else if let Some(h) = arg.strip_prefix("--halt-height=") {
+            found = h.parse().ok();
+        }
+    }
+    found.filter(|h| *h > 0)
+}
+
+/// The manifest's next scheduled upgrade after `current`, when `CVX_MANIFEST` names a manifest.
+/// cvx learns that the node halted from its RPC, so one without an RPC is refused now rather
+/// than missed at the height.
+fn scheduled(
+    config: &Config,
+    layout: &Layout,
+    has_rpc: bool,
+) -> Result<Option<PlanInfo>, RunError> {
+    let Some(pins) = Pins::load(config.manifest.as_deref(), config.recase)? else {
+        return Ok(None);
+    };
+    let Some(plan) = pins.scheduled_after(&tree::current_stage(layout)) else {
+        return Ok(None);
+    };
+    if !has_rpc {
+        return Err(RunError::ScheduledWithoutRpc {
+            name: plan.name,
+            height: plan.height,
+            config: config.home.join("config").join("config.toml"),
+        });
+    }
+    Ok(Some(plan))
 }
 
 /// Perform the upgrade; a signal ends the step in progress (see [`upgrade`]). Some(code) means

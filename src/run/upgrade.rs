@@ -484,14 +484,13 @@ fn write_plan(layout: &Layout, dir: &str, plan: &PlanInfo) -> Result<(), Upgrade
     Ok(())
 }
 
-/// The name of the upgrade `current` points to ("" for genesis or no link).
-pub fn current_upgrade(layout: &Layout) -> String {
-    let Ok(bytes) = fs::read(layout.current().join("upgrade-info.json")) else {
-        return String::new();
-    };
+/// The plan of the upgrade `current` points to, as recorded at its switch (None for genesis or
+/// a stage switched to by hand).
+pub fn current_upgrade(layout: &Layout) -> Option<PlanInfo> {
+    let bytes = fs::read(layout.current().join("upgrade-info.json")).ok()?;
     match tree::parse_upgrade_info(&bytes) {
-        tree::UpgradeInfo::Valid(plan) => plan.name,
-        _ => String::new(),
+        tree::UpgradeInfo::Valid(plan) => Some(plan),
+        _ => None,
     }
 }
 

@@ -125,34 +125,33 @@ impl Watcher {
 }
 
 /// Cosmovisor's rule: on the first valid read, a plan triggers when its name differs from the
-/// current upgrade's; afterwards, when its height is above the last one seen.
+/// current upgrade's; afterwards, when its height is above the last one seen. A plan below the
+/// current upgrade's own height is older than it (a governance plan left in `data/` before a
+/// scheduled upgrade) and never triggers.
 #[derive(Debug)]
 pub struct Trigger {
     current: String,
     last_height: Option<u64>,
+    floor: u64,
 }
 
 impl Trigger {
-    /// `current` is the name of the upgrade `current` points to ("" for genesis).
-    pub fn new(current: String) -> Self {
+    /// `current` is the plan `current` points to (None for genesis).
+    pub fn new(current: Option<&PlanInfo>) -> Self {
         Trigger {
-            current,
+            current: current.map(|p| p.name.clone()).unwrap_or_default(),
             last_height: None,
+            floor: current.map_or(0, |p| p.height),
         }
     }
 
     pub fn fires(&mut self, plan: &PlanInfo) -> bool {
-        match self.last_height {
-            None => {
-                self.last_height = Some(plan.height);
-                plan.name != self.current
-            }
-            Some(last) if plan.height > last => {
-                self.last_height = Some(plan.height);
-                true
-            }
-            Some(_) => false,
-        }
+        let fires = match self.last_height {
+            None => plan.name != self.current,
+            Some(last) => plan.height > last,
+        };
+        self.last_height = Some(self.last_height.map_or(plan.height, |l| l.max(plan.height)));
+        fires && plan.height >= self.floor
     }
 }
 
@@ -256,12 +255,18 @@ mod tests {
 
     #[test]
     fn trigger_rule() {
-        let mut t = Trigger::new("v2".into());
+        let mut t = Trigger::new(Some(&plan("v2", 100)));
         assert!(!t.fires(&plan("v2", 100)), "the current upgrade's own plan");
         assert!(!t.fires(&plan("v2", 100)));
         assert!(t.fires(&plan("v3", 200)), "a higher height");
         assert!(!t.fires(&plan("v3", 200)));
-        let mut t = Trigger::new(String::new());
+        let mut t = Trigger::new(None);
         assert!(t.fires(&plan("v2", 100)), "genesis, first read");
+        let mut t = Trigger::new(Some(&plan("v2.1-patch", 150)));
+        assert!(
+            !t.fires(&plan("v2", 100)),
+            "a plan older than the current (scheduled) upgrade"
+        );
+        assert!(t.fires(&plan("v3", 200)));
     }
 }

@@ -2149,3 +2149,313 @@ fn an_auto_downloaded_decompression_bomb_is_refused_without_filling_the_disk() {
     }
     assert!(largest(&ctx.home) <= 1 << 20, "a file grew past the cap");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scheduled upgrades (trigger = "halt-height")
+
+/// Stages as `cvx apply` does from a manifest pinning genesis and `upgrades` (name, simnode
+/// options, height, trigger); every build serves the RPC of config.toml and records its
+/// arguments in `args-<version>`. Returns the manifest's path for CVX_MANIFEST.
+fn scheduled_tree(
+    ctx: &Ctx,
+    genesis_sim: &str,
+    upgrades: &[(&str, &str, Option<u64>, &str)],
+) -> String {
+    rpc_config(ctx);
+    let p = platform();
+    let out = ctx.dir.path().display().to_string();
+    let build = |version: &str, sim: &str| {
+        let bytes = script(
+            &format!("echo \"$*\" >> '{out}/args-{version}'\n"),
+            &format!("--sim-rpc {sim}"),
+        );
+        let src = ctx.path(&format!("{version}-src"));
+        fs::write(&src, &bytes).unwrap();
+        format!(
+            "binary.\"{p}\" = {{ url = \"{}\", sha256 = \"{}\" }}\n",
+            src.display(),
+            sha256(&bytes)
+        )
+    };
+    let mut text = format!(
+        "[chain]\nid = \"t-1\"\ndaemon = \"{DAEMON}\"\n[genesis]\n{}",
+        build("genesis", genesis_sim)
+    );
+    for (name, sim, height, trigger) in upgrades {
+        text.push_str(&format!("[[upgrade]]\nname = \"{name}\"\n"));
+        if let Some(h) = height {
+            text.push_str(&format!("height = {h}\n"));
+        }
+        if !trigger.is_empty() {
+            text.push_str(&format!("trigger = \"{trigger}\"\n"));
+        }
+        text.push_str(&build(name, sim));
+    }
+    let manifest = ctx.manifest(&text);
+    let out = Command::new(CVX)
+        .current_dir(ctx.dir.path())
+        .args(["apply", "-q", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    manifest.display().to_string()
+}
+
+/// The arguments each start of `version`'s binary got (pre-upgrade runs included).
+fn starts(ctx: &Ctx, version: &str) -> Vec<String> {
+    read(&ctx.path(&format!("args-{version}")))
+        .lines()
+        .filter(|l| l.starts_with("start"))
+        .map(String::from)
+        .collect()
+}
+
+fn scheduled_case(flavour: &str) {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    // Blocks slower than cvx's checks, as on a real chain (seconds against 300 ms).
+    let manifest = scheduled_tree(
+        &ctx,
+        &format!("--sim-block-time 60ms --sim-halt {flavour}"),
+        &[(
+            "v1.1-patch",
+            "--sim-version v1.1.0 --sim-exit-at 8 0",
+            Some(5),
+            "halt-height",
+        )],
+    );
+    let env = [
+        ("CVX_MANIFEST", manifest.as_str()),
+        ("DAEMON_POLL_INTERVAL", "15ms"),
+    ];
+
+    let (stdout, stderr) = run_cvx(&ctx, &env, &[], 0);
+
+    let g = starts(&ctx, "genesis");
+    assert_eq!(g.len(), 1, "{g:?}");
+    assert!(g[0].ends_with("--halt-height 5"), "{g:?}");
+    assert!(stdout.contains("halt-height=5"), "{stdout}");
+    assert!(
+        logged(
+            &stderr,
+            "v1.1-patch",
+            5,
+            "switched current to upgrades/v1.1-patch"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(current(&ctx), "upgrades/v1.1-patch");
+    assert_eq!(
+        starts(&ctx, "v1.1-patch")
+            .iter()
+            .filter(|a| a.contains("--halt-height"))
+            .count(),
+        0,
+        "no scheduled upgrade after it"
+    );
+    assert_eq!(
+        height(&ctx),
+        Some(8),
+        "the patched binary carried on from the halt"
+    );
+}
+
+#[test]
+fn a_scheduled_upgrade_when_the_node_stays_up_at_its_halt_height() {
+    scheduled_case("stay");
+}
+
+#[test]
+fn a_scheduled_upgrade_when_the_node_exits_at_its_halt_height() {
+    scheduled_case("exit");
+}
+
+#[test]
+fn two_scheduled_upgrades_in_a_row_and_none_without_a_manifest() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let manifest = scheduled_tree(
+        &ctx,
+        "",
+        &[
+            ("v1.1", "--sim-version v1.1.0", Some(4), "halt-height"),
+            (
+                "v1.2",
+                "--sim-version v1.2.0 --sim-exit-at 9 0",
+                Some(7),
+                "halt-height",
+            ),
+        ],
+    );
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_MANIFEST", manifest.as_str())], &[], 0);
+
+    assert_eq!(current(&ctx), "upgrades/v1.2", "{stderr}");
+    assert!(starts(&ctx, "genesis")[0].ends_with("--halt-height 4"));
+    assert!(starts(&ctx, "v1.1")[0].ends_with("--halt-height 7"));
+    assert!(!starts(&ctx, "v1.2")[0].contains("--halt-height"));
+    assert_eq!(height(&ctx), Some(9));
+
+    // Without CVX_MANIFEST cvx knows no schedule and adds nothing.
+    fs::remove_file(ctx.cosmovisor("current")).unwrap();
+    std::os::unix::fs::symlink("genesis", ctx.cosmovisor("current")).unwrap();
+    fs::remove_dir_all(ctx.home.join("data")).unwrap();
+    fs::remove_file(ctx.path("args-genesis")).unwrap();
+    let mut cvx = spawn(&ctx, command(&ctx, &[], &[]));
+    wait_for("the node to pass height 6", LIMIT, || {
+        height(&ctx).unwrap_or(0) > 6
+    });
+    send(cvx.pid(), Signal::TERM);
+    cvx.exit();
+    assert!(!starts(&ctx, "genesis")[0].contains("--halt-height"));
+    assert_eq!(current(&ctx), "genesis");
+}
+
+#[test]
+fn governance_upgrades_get_no_halt_height_and_a_same_height_plan_is_performed_once() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    // v2 is governance; v3 is scheduled at 6 and also proposed on chain at 6.
+    let manifest = scheduled_tree(
+        &ctx,
+        "--sim-upgrade v2@3",
+        &[
+            ("v2", "--sim-handlers v2 --sim-upgrade v3@6", Some(3), ""),
+            (
+                "v3",
+                "--sim-handlers v3 --sim-exit-at 8 0",
+                Some(6),
+                "halt-height",
+            ),
+        ],
+    );
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_MANIFEST", manifest.as_str())], &[], 0);
+
+    assert!(
+        starts(&ctx, "genesis")[0].ends_with("--halt-height 6"),
+        "the nearest scheduled upgrade, even past a governance one"
+    );
+    assert_eq!(current(&ctx), "upgrades/v3");
+    assert_eq!(applied(&ctx), ["v2", "v3"]);
+    assert_eq!(
+        stderr.matches("switched current to upgrades/v3").count(),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(height(&ctx), Some(8));
+}
+
+#[test]
+fn the_operators_halt_height_wins_and_cvx_never_switches_early() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let manifest = scheduled_tree(
+        &ctx,
+        "",
+        &[("v1.1", "--sim-version v1.1.0", Some(8), "halt-height")],
+    );
+    let env = [
+        ("CVX_MANIFEST", manifest.as_str()),
+        ("CVX_LOG", "cvx=debug"),
+    ];
+    let mut cvx = spawn(&ctx, command(&ctx, &env, &["--halt-height", "4"]));
+    wait_for("the node to halt at the operator's height", LIMIT, || {
+        cvx.stdout().contains("halt-height=4")
+    });
+    // Well past the stall window: ten checks in a row see the node halted at 4.
+    wait_for("ten RPC checks of the halted node", LIMIT, || {
+        cvx.stderr()
+            .matches("the node's RPC reports height 4")
+            .count()
+            >= 10
+    });
+    assert_eq!(current(&ctx), "genesis", "{}", cvx.logs());
+    assert!(
+        !cvx.stderr().contains("stopping the daemon"),
+        "{}",
+        cvx.logs()
+    );
+    let g = starts(&ctx, "genesis");
+    assert_eq!(g[0].matches("--halt-height").count(), 1, "{g:?}");
+
+    send(cvx.pid(), Signal::TERM);
+    assert_eq!(cvx.exit().code(), Some(0), "{}", cvx.logs());
+    assert_eq!(current(&ctx), "genesis");
+}
+
+#[test]
+fn an_exit_below_the_halt_height_is_not_an_upgrade() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let manifest = scheduled_tree(
+        &ctx,
+        "--sim-exit-at 3 7",
+        &[("v1.1", "--sim-version v1.1.0", Some(9), "halt-height")],
+    );
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_MANIFEST", manifest.as_str())], &[], 7);
+    assert!(stderr.contains("exited by itself"), "{stderr}");
+    assert_eq!(current(&ctx), "genesis");
+}
+
+#[test]
+fn a_restarted_cvx_completes_the_upgrade_of_a_node_stuck_at_its_halt_height() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let manifest = scheduled_tree(
+        &ctx,
+        "",
+        &[(
+            "v1.1",
+            "--sim-version v1.1.0 --sim-exit-at 7 0",
+            Some(5),
+            "halt-height",
+        )],
+    );
+    // The node halted at 5 and stays there, as if cvx had died before it noticed.
+    let mut node = Command::new(ctx.cosmovisor("genesis/bin/simd"))
+        .args(["start", "--home"])
+        .arg(&ctx.home)
+        .args(["--halt-height", "5"])
+        .stdout(fs::File::create(ctx.path("node.out")).unwrap())
+        .spawn()
+        .unwrap();
+    wait_for("the node to halt at 5", LIMIT, || {
+        read(&ctx.path("node.out")).contains("halt-height=5")
+    });
+    send(node.id() as i32, Signal::TERM);
+    node.wait().unwrap();
+    assert_eq!(height(&ctx), Some(5));
+
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_MANIFEST", manifest.as_str())], &[], 0);
+
+    assert!(
+        logged(&stderr, "v1.1", 5, "the node halted at height 5"),
+        "{stderr}"
+    );
+    assert_eq!(current(&ctx), "upgrades/v1.1");
+    assert_eq!(height(&ctx), Some(7));
+}
+
+#[test]
+fn a_scheduled_upgrade_without_the_nodes_rpc_is_refused_at_start() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let manifest = scheduled_tree(
+        &ctx,
+        "",
+        &[("v1.1", "--sim-version v1.1.0", Some(5), "halt-height")],
+    );
+    fs::remove_file(ctx.home.join("config/config.toml")).unwrap();
+
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_MANIFEST", manifest.as_str())], &[], 1);
+
+    assert!(
+        stderr.contains("is scheduled at height 5") && stderr.contains("[rpc] laddr"),
+        "{stderr}"
+    );
+    assert_eq!(height(&ctx), None, "the node never started");
+}
