@@ -459,3 +459,38 @@ fn plan_json_reports_problems_as_data() {
     );
     assert!(p["hint"].as_str().unwrap().contains("strictly increase"));
 }
+
+#[test]
+fn a_trigger_is_governance_or_a_halt_height_with_its_height() {
+    let ctx = Ctx::new();
+    ctx.manifest(&valid().replacen(
+        "name = \"v3\"\nheight = 200",
+        "name = \"v3\"\nheight = 200\ntrigger = \"halt-height\"",
+        1,
+    ));
+    run(ctx.cvx().args(["plan", "--platform", "linux/amd64"]), 0);
+
+    let err = invalid(&valid().replacen(
+        "name = \"v3\"\nheight = 200",
+        "name = \"v3\"\ntrigger = \"halt-height\"",
+        1,
+    ));
+    assert_has(
+        &err,
+        "error: cvx.toml:22:11: upgrade \"v3\".trigger: trigger = \"halt-height\" needs the upgrade's height",
+    );
+    assert_has(
+        &err,
+        "hint: add height = <the height every validator agreed to halt at>",
+    );
+
+    let err = invalid(&replace(
+        "name = \"v2\"\nheight = 100",
+        "name = \"v2\"\nheight = 100\ntrigger = \"halt\"",
+    ));
+    assert_has(
+        &err,
+        "cvx.toml:14:11: upgrade \"v2\".trigger: unknown trigger \"halt\"",
+    );
+    assert_has(&err, "use \"governance\" (the default");
+}
