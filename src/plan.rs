@@ -62,6 +62,10 @@ pub struct StagePlan {
     pub height: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
+    /// For upgrades: what halts the node for it (`governance`, or `halt-height`: `cvx run`
+    /// starts the node with `--halt-height` and upgrades it there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<crate::manifest::Trigger>,
     pub action: StageAction,
     /// True when `current` points here: apply replaces nothing here without `--force`.
     pub current: bool,
@@ -297,6 +301,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
         tree::GENESIS.to_string(),
         None,
         manifest.genesis.version.clone(),
+        None,
         &manifest.genesis.binary,
         &manifest.genesis.library,
     ))
@@ -307,13 +312,14 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
             tree::upgrade_dir(&u.name, input.recase),
             u.height,
             u.version.clone(),
+            Some(u.trigger),
             &u.binary,
             &u.library,
         )
     }));
 
     let mut upgrades = Vec::new();
-    for (key, name, dir, height, version, binary, library) in stages {
+    for (key, name, dir, height, version, trigger, binary, library) in stages {
         let on_disk = tree.stages.get(&dir).unwrap_or(&empty);
         let mut artifacts = Vec::new();
         if let Some(artifact) = binary.get(platform) {
@@ -365,6 +371,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
             dir,
             height,
             version,
+            trigger,
             action,
             current: is_current,
             artifacts,
@@ -379,6 +386,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
             dir: dir.clone(),
             height: None,
             version: None,
+            trigger: None,
             action: StageAction::Unmanaged,
             current: current_stage.as_deref() == Some(dir.as_str()),
             artifacts: Vec::new(),

@@ -189,6 +189,10 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         if let Some(v) = &stage.version {
             details.push(v.clone());
         }
+        if let (Some(crate::manifest::Trigger::HaltHeight), Some(h)) = (stage.trigger, stage.height)
+        {
+            details.push(format!("scheduled: cvx run halts the node at {h}"));
+        }
         if stage.dir != crate::tree::GENESIS && stage.action != StageAction::Unmanaged {
             details.push(stage.dir.clone());
         }

@@ -343,3 +343,31 @@ fn empty_tree_human_plan_snapshot() {
     let (stdout, _) = run(&mut ctx.plan(), 0);
     insta::assert_snapshot!(ctx.redact(&stdout).replace(&platform(), "[PLATFORM]"));
 }
+
+#[test]
+fn a_scheduled_upgrade_is_shown_with_its_trigger() {
+    let ctx = Ctx::new();
+    let p = platform();
+    ctx.manifest(&format!(
+        "[chain]\nid = \"t-1\"\ndaemon = \"simd\"\n[genesis]\nbinary.\"{p}\" = {{ url = \"https://example.org/g\", sha256 = \"{0}\" }}\n[[upgrade]]\nname = \"v2\"\nheight = 100\nbinary.\"{p}\" = {{ url = \"https://example.org/v2\", sha256 = \"{0}\" }}\n[[upgrade]]\nname = \"v2.0.1-patch\"\nheight = 150\ntrigger = \"halt-height\"\nbinary.\"{p}\" = {{ url = \"https://example.org/v201\", sha256 = \"{0}\" }}\n",
+        "a".repeat(64)
+    ));
+    let (stdout, _) = run(&mut ctx.plan(), 0);
+    assert!(
+        stdout
+            .contains("upgrade v2.0.1-patch (height 150, scheduled: cvx run halts the node at 150"),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("upgrade v2 (height 100, scheduled"),
+        "{stdout}"
+    );
+    let (json, _) = run(ctx.plan().arg("--json"), 0);
+    let plan: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(plan["upgrades"][1]["trigger"], "governance");
+    assert_eq!(plan["upgrades"][2]["trigger"], "halt-height");
+    assert!(
+        plan["upgrades"][0].get("trigger").is_none(),
+        "genesis has none"
+    );
+}
