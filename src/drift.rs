@@ -217,6 +217,20 @@ pub fn compare(
                 ),
             }),
         }
+        // Two things would halt the node at one height: governance, and cvx's --halt-height.
+        if let Some((i, u)) = manifest.upgrades.iter().enumerate().find(|(_, u)| {
+            u.trigger == crate::manifest::Trigger::HaltHeight && u.height == Some(plan.height)
+        }) {
+            findings.push(Drift {
+                severity: Severity::Error,
+                upgrade: u.name.clone(),
+                key: Some(ManifestKey::stage(Some(i)).key("trigger")),
+                message: format!(
+                    "the chain schedules {:?} by governance at height {}, where the manifest schedules {:?} with trigger = \"halt-height\": one upgrade, two halts; if it is the same upgrade, set trigger = \"governance\" (or remove trigger)",
+                    plan.name, plan.height, u.name
+                ),
+            });
+        }
     }
     // Applied upgrades are history: a manifest that disagrees is stale, and nothing breaks for it.
     for (i, (upgrade, applied_at)) in manifest.upgrades.iter().zip(applied).enumerate() {

@@ -163,3 +163,24 @@ fn an_unreachable_node_is_an_error_with_a_hint() {
         "{err}"
     );
 }
+
+#[test]
+fn an_on_chain_plan_at_a_scheduled_upgrades_height_is_a_conflict() {
+    let ctx = Ctx::new();
+    manifest(&ctx, Some(200), 300);
+    let text = std::fs::read_to_string(ctx.path("cvx.toml"))
+        .unwrap()
+        .replace(
+            "height = 300\n",
+            "height = 300\ntrigger = \"halt-height\"\n",
+        );
+    ctx.manifest(&text);
+    let d = drift(&ctx, &chain(250, Some(("v3", 300)), 200), 1);
+    assert_eq!(d["findings"].as_array().unwrap().len(), 1, "{d}");
+    assert_eq!(d["findings"][0]["severity"], "error");
+    let message = d["findings"][0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("by governance at height 300, where the manifest schedules \"v3\" with trigger = \"halt-height\""),
+        "{message}"
+    );
+}
