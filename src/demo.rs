@@ -1,9 +1,11 @@
 //! `cvx demo`: the whole flow rehearsed on this machine, offline, in a temp dir, in seconds.
 //!
-//! Three versioned builds of the simulated node (wrapper scripts around `cvx simnode`, packed as a
+//! Four versioned builds of the simulated node (wrapper scripts around `cvx simnode`, packed as a
 //! plain file, a tar.gz and a zip), served from a loopback HTTP server, pinned in a manifest; then
-//! `cvx plan`, `cvx apply` (twice: the second changes nothing), and `cvx run` through two upgrades,
-//! then the final tree and `cvx status`. Each step runs the real cvx binary, as an operator would.
+//! `cvx plan`, `cvx apply` (twice: the second changes nothing), and `cvx run` through two
+//! governance upgrades and one scheduled upgrade (`trigger = "halt-height"`: no on-chain plan, cvx
+//! halts the node itself), then the final tree and `cvx status`. Each step runs the real cvx
+//! binary, as an operator would.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -13,9 +15,11 @@ use std::process::Command;
 use crate::render::Colors;
 
 const DAEMON: &str = "demod";
-/// Heights of the two upgrades, and where the last build stops the rehearsal.
+/// Heights of the two governance upgrades and the scheduled patch, and where the last build
+/// stops the rehearsal.
 const V2_HEIGHT: u64 = 10;
 const V3_HEIGHT: u64 = 20;
+const PATCH_HEIGHT: u64 = 25;
 const END_HEIGHT: u64 = 30;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +58,17 @@ pub fn run(keep: bool) -> Result<(), DemoError> {
     say(c, &format!("cvx demo: a rehearsal in {}", root.display()));
     let server = Server::start(&served)?;
     let manifest = write_artifacts_and_manifest(&cvx, &served, &root, &server.base)?;
+    // The node's RPC, from which cvx learns that the node halted for the scheduled upgrade.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(io("find a free port for the node's RPC"))?
+        .port();
+    std::fs::create_dir_all(home.join("config")).map_err(io("create the node's config dir"))?;
+    std::fs::write(
+        home.join("config/config.toml"),
+        format!("[rpc]\nladdr = \"tcp://127.0.0.1:{port}\"\n"),
+    )
+    .map_err(io("write the node's config.toml"))?;
     println!(
         "{}",
         std::fs::read_to_string(&manifest).map_err(io("read the manifest back"))?
@@ -69,7 +84,7 @@ pub fn run(keep: bool) -> Result<(), DemoError> {
     say(
         c,
         &format!(
-            "Now the node runs under cvx run; it halts for v2 at height {V2_HEIGHT} and v3 at {V3_HEIGHT}, and the last build stops at {END_HEIGHT}."
+            "Now the node runs under cvx run: governance halts it for v2 at height {V2_HEIGHT} and v3 at {V3_HEIGHT}; cvx itself halts it for the scheduled v3.0.1-patch at {PATCH_HEIGHT} (--halt-height); the last build stops at {END_HEIGHT}."
         ),
     );
     let env = [
@@ -82,21 +97,21 @@ pub fn run(keep: bool) -> Result<(), DemoError> {
 
     let current =
         std::fs::read_link(home.join("cosmovisor/current")).map_err(io("read the current link"))?;
-    if current != Path::new("upgrades/v3") {
+    if current != Path::new("upgrades/v3.0.1-patch") {
         return Err(DemoError::Step {
             step: "cvx run".into(),
             reason: format!(
-                "current points to {} instead of upgrades/v3",
+                "current points to {} instead of upgrades/v3.0.1-patch",
                 current.display()
             ),
         });
     }
-    say(c, "The tree after two upgrades:");
+    say(c, "The tree after three upgrades:");
     print_tree(&home.join("cosmovisor"), 0);
     step(c, &cvx, &["status", "-m", &m, "--home", &h], &[], 0)?;
     say(
         c,
-        "Rehearsal complete: two upgrades staged, verified and switched.",
+        "Rehearsal complete: three upgrades (two by governance, one scheduled) staged, verified and switched.",
     );
     if keep {
         let kept = dir.keep();
@@ -151,7 +166,7 @@ fn step(
     }
 }
 
-/// The three builds, their archives and the manifest that pins them.
+/// The four builds, their archives and the manifest that pins them.
 fn write_artifacts_and_manifest(
     cvx: &Path,
     served: &Path,
@@ -161,18 +176,16 @@ fn write_artifacts_and_manifest(
     let schedule = format!("--sim-upgrade v2@{V2_HEIGHT} --sim-upgrade v3@{V3_HEIGHT}");
     let build = |version: &str, extra: &str| {
         format!(
-            "#!/bin/sh\n# {DAEMON} {version}: the simulated node\nexec '{}' simnode --sim-version {version} --sim-block-time 100ms --sim-flush 200ms {schedule} {extra} \"$@\"\n",
+            "#!/bin/sh\n# {DAEMON} {version}: the simulated node\nexec '{}' simnode --sim-version {version} --sim-block-time 100ms --sim-flush 200ms --sim-rpc {schedule} {extra} \"$@\"\n",
             cvx.display()
         )
         .into_bytes()
     };
     let v1 = build("v1.0.0", "");
     let v2 = build("v2.0.0", "--sim-handlers v2");
-    // v3 does not implement pre-upgrade (exit 1: cvx continues) and ends the rehearsal.
-    let v3 = build(
-        "v3.0.0",
-        &format!("--sim-handlers v3 --sim-pre-upgrade-exit 1 --sim-exit-at {END_HEIGHT} 0"),
-    );
+    // v3 does not implement pre-upgrade (exit 1: cvx continues); the patch ends the rehearsal.
+    let v3 = build("v3.0.0", "--sim-handlers v3 --sim-pre-upgrade-exit 1");
+    let patch = build("v3.0.1", &format!("--sim-exit-at {END_HEIGHT} 0"));
     let library = b"a shared library the v2 build needs, staged into upgrades/v2/lib/\n".to_vec();
 
     let write = |name: &str, bytes: &[u8]| {
@@ -181,6 +194,7 @@ fn write_artifacts_and_manifest(
     write("demod-v1.0.0-linux", &v1)?;
     write("demod-v2.0.0.tar.gz", &tar_gz(&v2).map_err(io("pack v2"))?)?;
     write("demod-v3.0.0.zip", &zip(&v3).map_err(io("pack v3"))?)?;
+    write("demod-v3.0.1-linux", &patch)?;
     write("libdemo.so", &library)?;
     let sha = |name: &str| {
         crate::hash::sha256_file(&served.join(name))
@@ -190,7 +204,7 @@ fn write_artifacts_and_manifest(
 
     let platform = crate::cli::host_platform();
     let manifest = format!(
-        r#"# Written by `cvx demo`: three builds of a simulated node, served from {base}.
+        r#"# Written by `cvx demo`: four builds of a simulated node, served from {base}.
 [chain]
 id = "demo-1"
 daemon = "{DAEMON}"
@@ -211,11 +225,20 @@ name = "v3"
 height = {V3_HEIGHT}
 version = "v3.0.0"
 binary."{platform}" = {{ url = "{base}/demod-v3.0.0.zip", sha256 = "{v3}" }}
+
+# A coordinated patch: no on-chain plan; cvx run halts the node at this height itself.
+[[upgrade]]
+name = "v3.0.1-patch"
+height = {PATCH_HEIGHT}
+version = "v3.0.1"
+trigger = "halt-height"
+binary."{platform}" = {{ url = "{base}/demod-v3.0.1-linux", sha256 = "{patch}" }}
 "#,
         v1 = sha("demod-v1.0.0-linux")?,
         v2 = sha("demod-v2.0.0.tar.gz")?,
         lib = sha("libdemo.so")?,
         v3 = sha("demod-v3.0.0.zip")?,
+        patch = sha("demod-v3.0.1-linux")?,
     );
     let path = root.join("cvx.toml");
     std::fs::write(&path, manifest).map_err(io("write the manifest"))?;

@@ -3,16 +3,18 @@
 use crate::ctx::{Ctx, run};
 
 #[test]
-fn the_demo_rehearses_plan_apply_and_two_upgrades() {
+fn the_demo_rehearses_plan_apply_two_governance_upgrades_and_a_scheduled_one() {
     let ctx = Ctx::new();
     let (stdout, stderr) = run(ctx.cvx().arg("demo").env("TMPDIR", ctx.dir.path()), 0);
     for expected in [
-        "Plan: 4 to fetch, 0 to replace, 0 ok, current link to create: changes pending.",
-        "Apply: 5 changed, 0 unchanged, 0 failed: changed.",
-        "Apply: 0 changed, 4 unchanged, 0 failed: nothing to do.",
+        "Plan: 5 to fetch, 0 to replace, 0 ok, current link to create: changes pending.",
+        "Apply: 6 changed, 0 unchanged, 0 failed: changed.",
+        "Apply: 0 changed, 5 unchanged, 0 failed: nothing to do.",
         "ERR UPGRADE \"v2\" NEEDED at height: 10",
         "INF applying upgrade \"v3\" at height: 20",
-        "current -> upgrades/v3",
+        "scheduled: cvx run halts the node at 25",
+        "halt-height=25",
+        "current -> upgrades/v3.0.1-patch",
         "Rehearsal complete",
     ] {
         assert!(
@@ -23,6 +25,9 @@ fn the_demo_rehearses_plan_apply_and_two_upgrades() {
     for expected in [
         "switched current to upgrades/v2",
         "switched current to upgrades/v3",
+        "starting the daemon with --halt-height 25",
+        "the node halted at height 25",
+        "switched current to upgrades/v3.0.1-patch",
         "backed up data to",
     ] {
         assert!(
