@@ -572,3 +572,44 @@ fn exit_at_exits_with_the_code() {
     assert_eq!(height(home), Some(4));
     assert_eq!(node.committed(), [1, 2, 3, 4]);
 }
+
+#[test]
+fn halt_height_exit_flavour_commits_the_height_and_exits_0() {
+    let home = tempfile::tempdir().unwrap();
+    let sim = ["--sim-block-time", BLOCK, "--sim-halt", "exit"];
+    let mut node = Node::start_with(home.path(), &sim, &["--halt-height", "4"]);
+    assert!(node.wait_exit().success());
+    assert_eq!(height(home.path()), Some(4));
+    assert!(node.has_line("halting node per configuration height=4 halt-height=4"));
+    assert_eq!(node.committed().last(), Some(&4));
+
+    // Restarted at the height, it commits one more block and exits again, as some SDKs do.
+    let mut node = Node::start_with(home.path(), &sim, &["--halt-height=4"]);
+    assert!(node.wait_exit().success());
+    assert_eq!(height(home.path()), Some(5));
+}
+
+#[test]
+fn halt_height_stay_flavour_stays_up_at_the_height_serving_rpc() {
+    let home = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_config(home.path(), port);
+    let sim = ["--sim-block-time", BLOCK, "--sim-rpc"];
+    let mut node = Node::start_with(home.path(), &sim, &["--halt-height", "4"]);
+    node.wait_line("halt per configuration: refusing block height=5 halt-height=4");
+    several_blocks();
+    assert!(node.alive(), "it stays up");
+    assert_eq!(height(home.path()), Some(4), "and makes no block");
+    assert_eq!(
+        status(port)["result"]["sync_info"]["latest_block_height"],
+        "4"
+    );
+    node.signal("TERM");
+    assert!(node.wait_exit().success());
+
+    // Restarted at the height with the same flag, it halts again at once.
+    let node = Node::start_with(home.path(), &sim, &["--halt-height", "4"]);
+    node.wait_line("refusing block height=5");
+    node.kill();
+    assert_eq!(height(home.path()), Some(4));
+}
