@@ -57,6 +57,8 @@ pub enum Command {
         #[command(subcommand)]
         command: BackupCommand,
     },
+    /// Every upgrade cvx run performed on this home: when, the downtime, the backup, the result.
+    History(HomeArgs),
     /// Undo an upgrade: restore the backup taken before it and point current at the stage that
     /// ran before (the node must be stopped).
     Rollback(RollbackArgs),
@@ -409,6 +411,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             command: BackupCommand::List(args),
         } => run_backup_list(args),
         Command::Rollback(args) => run_rollback(args),
+        Command::History(args) => run_history(args),
         Command::Run(args) => Ok(ExitCode::from(crate::run::main(args.args)?)),
         Command::Import { source } => run_import(source),
         Command::Pin(args) => run_pin(args),
@@ -725,6 +728,27 @@ fn run_backup_list(args: HomeArgs) -> Result<ExitCode, Error> {
         );
     } else {
         print!("{}", render::backups_human(&backups, Colors::for_stdout()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cvx history`: see [`crate::run::history`].
+fn run_history(args: HomeArgs) -> Result<ExitCode, Error> {
+    let layout = Layout::new(&args.home);
+    let entries = crate::run::history::read(&layout).map_err(|source| {
+        Error::Apply(ApplyError::Io {
+            action: "read",
+            path: layout.cvx().join("history.jsonl"),
+            source,
+        })
+    })?;
+    if args.json {
+        print!(
+            "{}",
+            render::json(&serde_json::json!({ "upgrades": entries }))
+        );
+    } else {
+        print!("{}", render::history_human(&entries, Colors::for_stdout()));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -84,6 +84,44 @@ pub fn backups_human(backups: &[crate::run::rollback::Listed], c: Colors) -> Str
     out
 }
 
+/// `cvx history` for a person: one block per upgrade, oldest first.
+pub fn history_human(entries: &[crate::run::history::Entry], c: Colors) -> String {
+    let mut out = String::new();
+    if entries.is_empty() {
+        out.push_str("no upgrades recorded (cvx run records each upgrade it performs)\n");
+        return out;
+    }
+    for e in entries {
+        let result = match e.result.as_str() {
+            "done" => c.green("done"),
+            other => c.red(other),
+        };
+        let _ = writeln!(
+            out,
+            "{result} {} at height {} ({}), detected {}",
+            c.bold(&e.upgrade),
+            e.height,
+            e.trigger,
+            e.detected_at
+        );
+        match (&e.started_at, e.downtime_ms) {
+            (Some(started), Some(ms)) => {
+                let _ = writeln!(out, "    new binary started {started}: down {ms} ms");
+            }
+            _ => {
+                let _ = writeln!(out, "    new binary not started by cvx");
+            }
+        }
+        if let Some(backup) = &e.backup {
+            let _ = writeln!(out, "    backup {}", backup.display());
+        }
+        if let Some(error) = &e.error {
+            let _ = writeln!(out, "    error: {error}");
+        }
+    }
+    out
+}
+
 /// `cvx rollback` for a person: what it did (or would do) and the command to restart.
 pub fn rollback_human(r: &crate::run::rollback::Rollback, c: Colors) -> String {
     let mut out = String::new();

@@ -26,6 +26,10 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("COSMOVISOR_TIMEFORMAT_LOGS", "kitchen"),
     ("CVX_MANIFEST", "none"),
     ("CVX_MAX_SIZE", "4096 (MiB)"),
+    ("CVX_UPGRADE_HOOK", "none"),
+    ("CVX_UPGRADE_HOOK_TIMEOUT", "10s"),
+    ("CVX_CUSTOM_PREUPGRADE_TIMEOUT", "none"),
+    ("CVX_PREUPGRADE_TIMEOUT", "none"),
 ];
 
 /// Go's named time layouts Cosmovisor accepts for COSMOVISOR_TIMEFORMAT_LOGS.
@@ -68,6 +72,11 @@ pub struct Config {
     pub manifest: Option<PathBuf>,
     /// Bytes a download may have, and bytes its archive may unpack to.
     pub max_size: u64,
+    /// Run on upgrade detected, done and failed.
+    pub hook: Option<super::history::Hook>,
+    /// How long COSMOVISOR_CUSTOM_PREUPGRADE and `<new> pre-upgrade` may take (None: no limit).
+    pub custom_preupgrade_timeout: Option<Duration>,
+    pub preupgrade_timeout: Option<Duration>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,6 +285,12 @@ pub fn load(
         },
     };
     let manifest = sources.string("CVX_MANIFEST").map(PathBuf::from);
+    let hook = sources.string("CVX_UPGRADE_HOOK").map(PathBuf::from);
+    let hook_timeout = sources
+        .duration("CVX_UPGRADE_HOOK_TIMEOUT")
+        .unwrap_or(Duration::from_secs(10));
+    let custom_preupgrade_timeout = sources.duration("CVX_CUSTOM_PREUPGRADE_TIMEOUT");
+    let preupgrade_timeout = sources.duration("CVX_PREUPGRADE_TIMEOUT");
     let max_size = match sources.get("CVX_MAX_SIZE") {
         Some((v, at)) if !v.is_empty() => match v.parse::<u64>() {
             Ok(mib) if mib > 0 => mib.saturating_mul(1 << 20),
@@ -326,6 +341,12 @@ pub fn load(
         time_format,
         manifest,
         max_size,
+        hook: hook.map(|program| super::history::Hook {
+            program,
+            timeout: hook_timeout,
+        }),
+        custom_preupgrade_timeout,
+        preupgrade_timeout,
     })
 }
 

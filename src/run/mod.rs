@@ -10,6 +10,7 @@ pub mod backup;
 pub mod binary;
 pub mod child;
 pub mod config;
+pub mod history;
 pub mod logs;
 pub mod rollback;
 pub mod upgrade;
@@ -21,6 +22,7 @@ use std::path::PathBuf;
 
 use tracing::{debug, info, warn};
 
+use crate::manifest::Trigger as Kind;
 use crate::tree::{self, Layout, PlanInfo, UpgradeInfo};
 use binary::{BinaryError, Pins};
 use child::{Daemon, Signals};
@@ -216,11 +218,16 @@ fn exec(config: &Config, layout: &Layout, args: &[OsString]) -> RunError {
     RunError::Launch { path, source }
 }
 
+/// How long a daemon may take to exit after cvx forwarded a stop signal, when
+/// DAEMON_SHUTDOWN_GRACE is unset: well inside systemd's default stop timeout (90 s), so cvx, not
+/// systemd, does the killing and says so.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Why the daemon is no longer running.
 enum Outcome {
     Exited(std::process::ExitStatus),
     Signalled(std::process::ExitStatus),
-    Upgrade(PlanInfo),
+    Upgrade(PlanInfo, Kind),
 }
 
 /// Reads `upgrade-info.json` and applies the trigger rule and `--unsafe-skip-upgrades`.
@@ -319,16 +326,16 @@ impl Detector {
     /// The plan to perform now that the daemon has exited by itself: one armed earlier (the RPC
     /// gate was still closed), one it wrote just before exiting, or the scheduled upgrade whose
     /// height it had reached.
-    fn exited(&mut self) -> Option<PlanInfo> {
-        self.armed.take().or_else(|| self.fired()).or_else(|| {
-            let halt = self.scheduled.as_ref()?;
-            if halt.exited_at_height() {
-                info!(upgrade = %halt.plan.name, height = halt.plan.height, "the daemon exited at its halt height (its RPC last reported {}): the scheduled upgrade is due", halt.seen.unwrap_or_default());
-                Some(halt.plan.clone())
-            } else {
-                None
-            }
-        })
+    fn exited(&mut self) -> Option<(PlanInfo, Kind)> {
+        if let Some(plan) = self.armed.take().or_else(|| self.fired()) {
+            return Some((plan, Kind::Governance));
+        }
+        let halt = self.scheduled.as_ref()?;
+        if !halt.exited_at_height() {
+            return None;
+        }
+        info!(upgrade = %halt.plan.name, height = halt.plan.height, "the daemon exited at its halt height (its RPC last reported {}): the scheduled upgrade is due", halt.seen.unwrap_or_default());
+        Some((halt.plan.clone(), Kind::HaltHeight))
     }
 
     /// The scheduled upgrade, once the node's RPC shows it halted at its height.
@@ -394,12 +401,19 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
     let operator_halt = halt_height(args);
 
     // A restart after a missed switch: switch first, never start a binary that would halt again.
+    // Performed, waiting for the new binary's start to complete its history entry.
+    let mut upgraded = None;
     if let Some(plan) = detector.fired() {
         info!(upgrade = %plan.name, height = plan.height, "upgrade pending at start: switching before launch");
-        if let Some(code) = run_upgrade(config, layout, &plan, &mut signals).await? {
+        let done = Detected::now(config, &plan, Kind::Governance)
+            .perform(config, layout, &mut signals)
+            .await?;
+        if let Some(code) = done.exit {
+            done.finish(config, layout, false).await;
             return Ok(code);
         }
         detector.switched(&plan);
+        upgraded = Some(done);
     }
 
     loop {
@@ -426,18 +440,25 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
             terminal,
         )
         .map_err(|source| RunError::Launch { path, source })?;
+        if let Some(done) = upgraded.take() {
+            done.finish(config, layout, true).await;
+        }
         let outcome = loop {
             tokio::select! {
                 status = daemon.wait() => {
                     // Some nodes exit instead of halting once they have written the plan.
                     match detector.exited() {
-                        Some(plan) => break Outcome::Upgrade(plan),
+                        Some((plan, kind)) => break Outcome::Upgrade(plan, kind),
                         None => break Outcome::Exited(status),
                     }
                 }
                 sig = signals.recv() => {
                     info!("received {sig:?}: forwarding it to the daemon");
                     daemon.signal(sig);
+                    // A daemon that ignores the signal is killed once its grace has passed.
+                    let grace = config.shutdown_grace.unwrap_or(STOP_GRACE);
+                    let deadline = tokio::time::sleep(grace);
+                    tokio::pin!(deadline);
                     let status = loop {
                         tokio::select! {
                             status = daemon.wait() => break status,
@@ -445,16 +466,20 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
                                 info!("received {sig:?}: forwarding it to the daemon");
                                 daemon.signal(sig);
                             }
+                            () = &mut deadline => {
+                                warn!("the daemon did not exit within {} of the signal (DAEMON_SHUTDOWN_GRACE, default {}); killing it", crate::duration::show(grace), crate::duration::show(STOP_GRACE));
+                                break daemon.stop(None).await;
+                            }
                         }
                     };
                     break Outcome::Signalled(status);
                 }
                 () = detector.watcher.changed() => {
                     if let Some(plan) = detector.ready().await {
-                        break Outcome::Upgrade(plan);
+                        break Outcome::Upgrade(plan, Kind::Governance);
                     }
                     if let Some(plan) = detector.halted().await {
-                        break Outcome::Upgrade(plan);
+                        break Outcome::Upgrade(plan, Kind::HaltHeight);
                     }
                 }
             }
@@ -468,19 +493,24 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
                 info!("the daemon exited ({status}) after the forwarded signal");
                 return Ok(child::exit_code(status));
             }
-            Outcome::Upgrade(plan) => {
+            Outcome::Upgrade(plan, kind) => {
+                let detected = Detected::now(config, &plan, kind);
                 info!(upgrade = %plan.name, height = plan.height, "stopping the daemon");
                 let status = daemon.stop(config.shutdown_grace).await;
                 info!(upgrade = %plan.name, height = plan.height, "the daemon stopped ({status})");
-                if let Some(code) = run_upgrade(config, layout, &plan, &mut signals).await? {
+                let done = detected.perform(config, layout, &mut signals).await?;
+                if let Some(code) = done.exit {
+                    done.finish(config, layout, false).await;
                     return Ok(code);
                 }
                 detector.switched(&plan);
                 if !config.restart_after_upgrade {
                     info!(upgrade = %plan.name, height = plan.height, "upgrade done; DAEMON_RESTART_AFTER_UPGRADE is false, so cvx exits instead of restarting the daemon");
+                    done.finish(config, layout, false).await;
                     return Ok(0);
                 }
                 info!(upgrade = %plan.name, height = plan.height, "upgrade done; restarting the daemon");
+                upgraded = Some(done);
             }
         }
     }
@@ -524,45 +554,150 @@ fn scheduled(
     Ok(Some(plan))
 }
 
-/// Perform the upgrade; a signal ends the step in progress (see [`upgrade`]). Some(code) means
-/// exit now with that code.
-async fn run_upgrade(
-    config: &Config,
-    layout: &Layout,
-    plan: &PlanInfo,
-    signals: &mut Signals,
-) -> Result<Option<u8>, RunError> {
-    let (canceller, cancel) = upgrade::Canceller::new();
-    let work = upgrade::perform(config, layout, plan, &cancel);
-    tokio::pin!(work);
-    let mut interrupted = None;
-    let result = loop {
-        tokio::select! {
-            result = &mut work => break result,
-            sig = signals.recv() => {
-                if interrupted.is_none() {
-                    warn!(upgrade = %plan.name, height = plan.height, "received {sig:?} during the upgrade: ending the step in progress, then exiting");
-                    interrupted = Some(sig);
-                }
-                canceller.cancel();
-            }
-        }
-    };
-    match (result, interrupted) {
-        (Err(e @ UpgradeError::Interrupted { .. }), Some(sig)) => {
-            warn!(upgrade = %plan.name, height = plan.height, "{e}");
-            Ok(Some(child::signalled(sig)))
-        }
-        (Err(source), _) => Err(RunError::Upgrade {
-            name: plan.name.clone(),
+/// An upgrade cvx knows is due: when it knew, for the history and the hook.
+struct Detected {
+    plan: PlanInfo,
+    entry: history::Entry,
+    at: std::time::Instant,
+}
+
+impl Detected {
+    /// Record the detection now and tell the hook (in the background: it never holds up the
+    /// upgrade).
+    fn now(config: &Config, plan: &PlanInfo, kind: Kind) -> Detected {
+        let entry = history::Entry {
+            upgrade: plan.name.clone(),
             height: plan.height,
-            source: Box::new(source),
-        }),
-        (Ok(()), Some(sig)) => {
-            info!(upgrade = %plan.name, height = plan.height, "upgrade done; not restarting the daemon after {sig:?}");
-            Ok(Some(child::signalled(sig)))
+            trigger: kind.as_str().to_string(),
+            detected_at: history::timestamp(std::time::SystemTime::now()),
+            started_at: None,
+            downtime_ms: None,
+            backup: None,
+            result: String::new(),
+            error: None,
+        };
+        if let Some(hook) = config.hook.clone() {
+            let (entry, home, daemon) = (entry.clone(), config.home.clone(), config.name.clone());
+            tokio::spawn(async move {
+                let event = history::Event {
+                    event: "detected",
+                    home: &home,
+                    daemon: &daemon,
+                    entry: &entry,
+                };
+                hook.run(&event).await;
+            });
         }
-        (Ok(()), None) => Ok(None),
+        Detected {
+            plan: plan.clone(),
+            entry,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Perform the upgrade; a signal ends the step in progress (see [`upgrade`]). A failure is
+    /// recorded (history, hook) before it is returned.
+    async fn perform(
+        mut self,
+        config: &Config,
+        layout: &Layout,
+        signals: &mut Signals,
+    ) -> Result<Upgraded, RunError> {
+        let plan = self.plan.clone();
+        let (canceller, cancel) = upgrade::Canceller::new();
+        let mut backup = None;
+        let mut interrupted = None;
+        let result = {
+            let work = upgrade::perform(config, layout, &plan, &cancel, &mut backup);
+            tokio::pin!(work);
+            loop {
+                tokio::select! {
+                    result = &mut work => break result,
+                    sig = signals.recv() => {
+                        if interrupted.is_none() {
+                            warn!(upgrade = %plan.name, height = plan.height, "received {sig:?} during the upgrade: ending the step in progress, then exiting");
+                            interrupted = Some(sig);
+                        }
+                        canceller.cancel();
+                    }
+                }
+            }
+        };
+        self.entry.backup = backup;
+        let exit = match (result, interrupted) {
+            (Err(e @ UpgradeError::Interrupted { .. }), Some(sig)) => {
+                warn!(upgrade = %plan.name, height = plan.height, "{e}");
+                self.entry.result = "interrupted".into();
+                self.entry.error = Some(e.to_string());
+                self.record(config, layout, "failed").await;
+                return Ok(Upgraded {
+                    exit: Some(child::signalled(sig)),
+                    detected: None,
+                });
+            }
+            (Err(source), _) => {
+                self.entry.result = "failed".into();
+                self.entry.error = Some(crate::render::error_chain(&source));
+                self.record(config, layout, "failed").await;
+                return Err(RunError::Upgrade {
+                    name: plan.name.clone(),
+                    height: plan.height,
+                    source: Box::new(source),
+                });
+            }
+            (Ok(()), Some(sig)) => {
+                info!(upgrade = %plan.name, height = plan.height, "upgrade done; not restarting the daemon after {sig:?}");
+                Some(child::signalled(sig))
+            }
+            (Ok(()), None) => None,
+        };
+        self.entry.result = "done".into();
+        Ok(Upgraded {
+            exit,
+            detected: Some(self),
+        })
+    }
+
+    /// Append the entry to the history and run the hook for `event`, waiting for it (bounded by
+    /// its timeout): cvx may be about to exit.
+    async fn record(&self, config: &Config, layout: &Layout, event: &'static str) {
+        if let Err(e) = history::append(layout, &self.entry) {
+            warn!(
+                "cannot record the upgrade in {}: {e}",
+                layout.cvx().join("history.jsonl").display()
+            );
+        }
+        if let Some(hook) = &config.hook {
+            hook.run(&history::Event {
+                event,
+                home: &config.home,
+                daemon: &config.name,
+                entry: &self.entry,
+            })
+            .await;
+        }
+    }
+}
+
+/// A performed upgrade. `exit`: cvx exits now with that code.
+struct Upgraded {
+    exit: Option<u8>,
+    detected: Option<Detected>,
+}
+
+impl Upgraded {
+    /// Complete the history entry of a successful upgrade: with the new binary's start and the
+    /// downtime when `started`.
+    async fn finish(self, config: &Config, layout: &Layout, started: bool) {
+        let Some(mut detected) = self.detected else {
+            return;
+        };
+        if started {
+            detected.entry.started_at = Some(history::timestamp(std::time::SystemTime::now()));
+            detected.entry.downtime_ms = Some(detected.at.elapsed().as_millis() as u64);
+            info!(upgrade = %detected.plan.name, height = detected.plan.height, "the node was down for {} ms", detected.at.elapsed().as_millis());
+        }
+        detected.record(config, layout, "done").await;
     }
 }
 

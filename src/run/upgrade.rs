@@ -163,12 +163,14 @@ pub async fn lock(layout: &Layout) -> Result<apply::TreeLock, UpgradeError> {
     }
 }
 
-/// Everything between stop and relaunch, in DESIGN's order, under the tree lock.
+/// Everything between stop and relaunch, in DESIGN's order, under the tree lock. `backup` gets
+/// the backup's path as soon as there is one (for the history, even when a later step fails).
 pub async fn perform(
     config: &Config,
     layout: &Layout,
     plan: &PlanInfo,
     cancel: &Cancel,
+    backup: &mut Option<PathBuf>,
 ) -> Result<(), UpgradeError> {
     let dir = tree::upgrade_dir(&plan.name, config.recase);
     let (name, height) = (plan.name.as_str(), plan.height);
@@ -193,6 +195,7 @@ pub async fn perform(
         info!(upgrade = %name, height, "backup skipped (UNSAFE_SKIP_BACKUP)");
     } else if let Some(record) = backup::taken(layout, plan, config.recase) {
         info!(upgrade = %name, height, "data was already backed up for this upgrade to {}; not copying again", record.path.display());
+        *backup = Some(record.path);
     } else {
         info!(upgrade = %name, height, "backing up data to {}", config.backup_dir.display());
         let from_stage = tree::current_stage(layout);
@@ -234,6 +237,7 @@ pub async fn perform(
             record.files_copied,
             record.bytes_copied
         );
+        *backup = Some(record.path);
     }
 
     if let Some(script) = &config.custom_preupgrade {
@@ -361,7 +365,7 @@ async fn run_custom_script(
             .map_err(|e| script_err(format!("is not executable and cannot be made so: {e}")))?;
     }
     info!(upgrade = %plan.name, height = plan.height, "running COSMOVISOR_CUSTOM_PREUPGRADE {}", script.display());
-    let mut child = tokio::process::Command::new(script)
+    let child = tokio::process::Command::new(script)
         .arg(&plan.name)
         .arg(plan.height.to_string())
         .current_dir(&config.home)
@@ -369,13 +373,16 @@ async fn run_custom_script(
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| script_err(format!("could not be run: {e}")))?;
+    let pid = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
     let status = tokio::select! {
-        status = child.wait() => status.map_err(|e| script_err(format!("could not be waited for: {e}")))?,
+        status = wait_bounded(child, config.custom_preupgrade_timeout, "CVX_CUSTOM_PREUPGRADE_TIMEOUT") => status.map_err(script_err)?,
         () = cancel.wait() => {
-            if let Some(pid) = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
+            // Dropping the wait kills the script; its group goes too.
+            if let Some(pid) = pid {
                 let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
             }
-            let _ = child.wait().await;
             return Err(UpgradeError::Interrupted { step: "running the custom pre-upgrade script" });
         }
     };
@@ -383,6 +390,35 @@ async fn run_custom_script(
         Ok(())
     } else {
         Err(script_err(describe(status)))
+    }
+}
+
+/// Wait for `child` (which leads its own process group), up to `limit`; past it, kill the group
+/// and say which variable set the limit.
+async fn wait_bounded(
+    mut child: tokio::process::Child,
+    limit: Option<Duration>,
+    variable: &str,
+) -> Result<std::process::ExitStatus, String> {
+    let pid = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32));
+    let waited = match limit {
+        Some(limit) => tokio::time::timeout(limit, child.wait()).await,
+        None => Ok(child.wait().await),
+    };
+    match waited {
+        Ok(status) => status.map_err(|e| format!("could not be waited for: {e}")),
+        Err(_) => {
+            if let Some(pid) = pid {
+                let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            }
+            let _ = child.wait().await;
+            Err(format!(
+                "did not finish within {variable}={}; killed it",
+                crate::duration::show(limit.unwrap_or_default())
+            ))
+        }
     }
 }
 
@@ -507,15 +543,19 @@ async fn pre_upgrade(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let status = tokio::process::Command::new(&binary)
+        let child = tokio::process::Command::new(&binary)
             .arg("pre-upgrade")
             .env("LD_LIBRARY_PATH", library_path(layout, dir))
             .current_dir(&config.home)
-            .status()
-            .await
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
             .map_err(|e| UpgradeError::PreUpgrade {
                 outcome: format!("could not be run ({}): {e}", binary.display()),
             })?;
+        let status = wait_bounded(child, config.preupgrade_timeout, "CVX_PREUPGRADE_TIMEOUT")
+            .await
+            .map_err(|outcome| UpgradeError::PreUpgrade { outcome })?;
         match status.code() {
             Some(0) => {
                 info!(upgrade = %name, height, "pre-upgrade done");

@@ -2459,3 +2459,211 @@ fn a_scheduled_upgrade_without_the_nodes_rpc_is_refused_at_start() {
     );
     assert_eq!(height(&ctx), None, "the node never started");
 }
+
+// ---------------------------------------------------------------------------------------------
+// History, the notification hook, time limits, stopping a stubborn daemon
+
+/// A hook that appends its event name and its stdin (one JSON line) to `events` in the test dir.
+fn recording_hook(ctx: &Ctx, extra: &str) -> String {
+    let events = ctx.path("events");
+    let hook = ctx.path("hook.sh");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\n{{ printf '%s ' \"$1\"; cat; echo; }} >> '{}'\n{extra}",
+            events.display()
+        ),
+    )
+    .unwrap();
+    executable(&hook);
+    hook.display().to_string()
+}
+
+fn events(ctx: &Ctx) -> Vec<(String, Value)> {
+    read(&ctx.path("events"))
+        .lines()
+        .map(|l| {
+            let (event, json) = l.split_once(' ').unwrap();
+            (event.to_string(), serde_json::from_str(json).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn upgrades_are_recorded_in_the_history_and_told_to_the_hook() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-handlers v2 --sim-exit-at 5 0"),
+    );
+    let hook = recording_hook(&ctx, "exit 1\n");
+    let backups = ctx.path("backups");
+    let env = with_backups(backups.to_str().unwrap(), &[("CVX_UPGRADE_HOOK", &hook)]);
+
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 0);
+
+    assert_eq!(applied(&ctx), ["v2"], "a failing hook changes nothing");
+    assert!(
+        stderr.contains("CVX_UPGRADE_HOOK"),
+        "its failure is logged: {stderr}"
+    );
+    let history = cvx_json(&ctx, &["history"], 0);
+    let entry = &history["upgrades"][0];
+    assert_eq!(
+        history["upgrades"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
+    assert_eq!(
+        (
+            &entry["upgrade"],
+            &entry["height"],
+            &entry["trigger"],
+            &entry["result"]
+        ),
+        (
+            &json!("v2"),
+            &json!(3),
+            &json!("governance"),
+            &json!("done")
+        )
+    );
+    assert!(entry["downtime_ms"].as_u64().is_some(), "{entry}");
+    assert!(entry["started_at"].as_str().unwrap() >= entry["detected_at"].as_str().unwrap());
+    let backup = PathBuf::from(entry["backup"].as_str().unwrap());
+    assert_eq!(backup.parent(), Some(backups.as_path()));
+
+    let events = events(&ctx);
+    let names: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(names, ["detected", "done"]);
+    assert_eq!(events[1].1["event"], "done");
+    assert_eq!(events[1].1["upgrade"], "v2");
+    assert_eq!(events[1].1["daemon"], DAEMON);
+    assert_eq!(events[1].1["downtime_ms"], entry["downtime_ms"]);
+
+    let out = Command::new(CVX)
+        .env("NO_COLOR", "1")
+        .args(["history", "--home"])
+        .arg(&ctx.home)
+        .output()
+        .unwrap();
+    let human = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        human.starts_with("done v2 at height 3 (governance), detected "),
+        "{human}"
+    );
+}
+
+#[test]
+fn a_failed_upgrade_is_recorded_and_a_hanging_hook_is_killed() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    let hook = recording_hook(&ctx, "exec sleep 30\n");
+    let env = [
+        ("CVX_UPGRADE_HOOK", hook.as_str()),
+        ("CVX_UPGRADE_HOOK_TIMEOUT", "300ms"),
+    ];
+
+    let started = Instant::now();
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 1);
+
+    assert!(started.elapsed() < Duration::from_secs(5), "{stderr}");
+    assert!(stderr.contains("did not finish within 300ms"), "{stderr}");
+    let history = cvx_json(&ctx, &["history"], 0);
+    let entry = &history["upgrades"][0];
+    assert_eq!(entry["result"], "failed");
+    assert!(
+        entry["error"].as_str().unwrap().contains("no binary at"),
+        "{entry}"
+    );
+    let names: Vec<String> = events(&ctx).into_iter().map(|(e, _)| e).collect();
+    assert_eq!(names, ["detected", "failed"]);
+}
+
+#[test]
+fn a_custom_script_or_pre_upgrade_that_hangs_is_killed_at_its_time_limit() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &script(
+            "if [ \"$1\" = pre-upgrade ] && [ ! -e \"$DAEMON_HOME/quick\" ]; then sleep 30; fi\n",
+            "--sim-handlers v2 --sim-exit-at 5 0",
+        ),
+    );
+    let hang = ctx.stage("hang.sh", b"#!/bin/sh\nsleep 30\n");
+    executable(&hang);
+
+    let (_, stderr) = run_cvx(
+        &ctx,
+        &[
+            ("COSMOVISOR_CUSTOM_PREUPGRADE", "hang.sh"),
+            ("CVX_CUSTOM_PREUPGRADE_TIMEOUT", "200ms"),
+        ],
+        &[],
+        1,
+    );
+    assert!(
+        stderr.contains("did not finish within CVX_CUSTOM_PREUPGRADE_TIMEOUT=200ms; killed it"),
+        "{stderr}"
+    );
+    assert_eq!(current(&ctx), "genesis");
+
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_PREUPGRADE_TIMEOUT", "200ms")], &[], 1);
+    assert!(
+        stderr.contains(
+            "pre-upgrade of the new binary did not finish within CVX_PREUPGRADE_TIMEOUT=200ms"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        processes_with(&ctx.home).is_empty(),
+        "the hung pre-upgrade was killed"
+    );
+}
+
+#[test]
+fn a_daemon_that_ignores_the_stop_signal_is_killed_after_the_grace() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let started = ctx.path("started");
+    stage_bin(
+        &ctx,
+        "genesis",
+        format!(
+            "#!/bin/sh\ntrap '' TERM INT\ntouch '{}'\nwhile true; do sleep 0.05; done\n",
+            started.display()
+        )
+        .as_bytes(),
+    );
+    std::os::unix::fs::symlink("genesis", ctx.cosmovisor("current")).unwrap();
+    let mut cvx = spawn(
+        &ctx,
+        command(&ctx, &[("DAEMON_SHUTDOWN_GRACE", "300ms")], &[]),
+    );
+    wait_for("the daemon to start", LIMIT, || started.exists());
+
+    let signalled = Instant::now();
+    send(cvx.pid(), Signal::TERM);
+    let status = cvx.exit();
+
+    assert_eq!(status.code(), Some(128 + 9), "{}", cvx.logs());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "{}",
+        cvx.logs()
+    );
+    assert!(
+        cvx.stderr()
+            .contains("did not exit within 300ms of the signal"),
+        "{}",
+        cvx.logs()
+    );
+    assert_eq!(processes_with(&ctx.home), vec![], "nothing left running");
+}
