@@ -176,7 +176,7 @@ fn write_artifacts_and_manifest(
     let schedule = format!("--sim-upgrade v2@{V2_HEIGHT} --sim-upgrade v3@{V3_HEIGHT}");
     let build = |version: &str, extra: &str| {
         format!(
-            "#!/bin/sh\n# {DAEMON} {version}: the simulated node\nexec '{}' simnode --sim-version {version} --sim-block-time 100ms --sim-flush 200ms --sim-rpc {schedule} {extra} \"$@\"\n",
+            "#!/bin/sh\n# {DAEMON} {version}: the simulated node\nexec '{}' simnode --sim-version {version} --sim-block-time 100ms --sim-flush 200ms --sim-rpc --sim-chain-id demo-1 {schedule} {extra} \"$@\"\n",
             cvx.display()
         )
         .into_bytes()

@@ -41,6 +41,7 @@ sim options (must come before the daemon's arguments):
   --sim-flush DUR                     flush delay on SIGTERM/SIGINT before exiting 0 (default 0)
   --sim-rpc                           serve GET /status at [rpc] laddr of $HOME/config/config.toml
   --sim-rpc-height-offset N           report a height N lower than the real one on /status
+  --sim-chain-id ID                   the chain id /status reports (default simnet)
   --sim-exit-at HEIGHT CODE           exit with CODE on reaching HEIGHT
   --sim-halt exit|stay                what `--halt-height H` (a daemon argument) does once H is
                                       committed: exit 0 (SDK <= 0.47), or stay up refusing the
@@ -69,6 +70,7 @@ struct Sim {
     flush: Duration,
     rpc: bool,
     rpc_height_offset: u64,
+    chain_id: String,
     exit_at: Option<(u64, u8)>,
     halt: Halt,
 }
@@ -92,6 +94,7 @@ impl Default for Sim {
             flush: Duration::ZERO,
             rpc: false,
             rpc_height_offset: 0,
+            chain_id: "simnet".into(),
             exit_at: None,
             halt: Halt::Stay,
         }
@@ -215,6 +218,7 @@ fn parse_sim_args(args: &[String]) -> Result<(Sim, Vec<String>), String> {
             "--sim-rpc-height-offset" => {
                 sim.rpc_height_offset = parse_num(flag, &value("a number")?)?
             }
+            "--sim-chain-id" => sim.chain_id = value("a chain id")?,
             "--sim-exit-at" => {
                 if inline.is_some() {
                     return Err("--sim-exit-at takes two arguments: HEIGHT CODE".into());
@@ -384,6 +388,7 @@ fn start(sim: Sim, daemon_args: &[String]) -> ExitCode {
 
 /// What the RPC thread reads.
 struct Shared {
+    chain_id: String,
     height: AtomicU64,
     /// Unix nanoseconds of the latest block.
     block_time: AtomicU64,
@@ -470,6 +475,7 @@ impl Node {
             plans.push(pending);
         }
         let shared = Arc::new(Shared {
+            chain_id: sim.chain_id.clone(),
             height: AtomicU64::new(height),
             block_time: AtomicU64::new(crate::time::unix_nanos(SystemTime::now())),
         });
@@ -728,7 +734,7 @@ fn serve(
             "jsonrpc": "2.0",
             "id": -1,
             "result": {
-                "node_info": {"network": "simnet", "version": version},
+                "node_info": {"network": shared.chain_id, "version": version},
                 "sync_info": {
                     "latest_block_height": height.to_string(),
                     "latest_block_time": time,
@@ -757,7 +763,7 @@ fn serve(
         let body = serde_json::json!({
             "jsonrpc": "2.0",
             "id": -1,
-            "result": {"block": {"header": {"chain_id": "simnet", "height": asked.to_string(), "time": time}}},
+            "result": {"block": {"header": {"chain_id": shared.chain_id, "height": asked.to_string(), "time": time}}},
         });
         ("200 OK", body.to_string())
     } else {

@@ -321,6 +321,12 @@ fn is_database(dir: &Path) -> bool {
     dir.join("CURRENT").is_file()
 }
 
+/// The bytes a backup of `data` into `backup_dir` would copy now.
+pub fn copied_bytes(data: &Path, backup_dir: &Path) -> io::Result<u64> {
+    let same_device = fs::metadata(data)?.dev() == fs::metadata(backup_dir)?.dev();
+    bytes_to_copy(data, same_device)
+}
+
 /// The bytes a backup of `path` will copy: everything but the table files it can link.
 fn bytes_to_copy(path: &Path, same_device: bool) -> io::Result<u64> {
     let meta = match fs::symlink_metadata(path) {

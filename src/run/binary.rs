@@ -88,6 +88,25 @@ impl Pins {
         }))
     }
 
+    /// The manifest's chain id.
+    pub fn chain_id(&self) -> &str {
+        &self.manifest.chain.id
+    }
+
+    /// The name of the manifest's upgrade right after `stage`, if any.
+    pub fn next_after(&self, stage: &str) -> Option<String> {
+        let upgrades = &self.manifest.upgrades;
+        let from = if stage == tree::GENESIS {
+            0
+        } else {
+            upgrades
+                .iter()
+                .position(|u| tree::upgrade_dir(&u.name, self.recase) == stage)?
+                + 1
+        };
+        upgrades.get(from).map(|u| u.name.clone())
+    }
+
     /// The first upgrade with `trigger = "halt-height"` after `stage` in the manifest (all of
     /// them when the manifest does not name the stage), as the plan cvx will perform.
     pub fn scheduled_after(&self, stage: &str) -> Option<PlanInfo> {

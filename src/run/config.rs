@@ -30,6 +30,7 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("CVX_UPGRADE_HOOK_TIMEOUT", "10s"),
     ("CVX_CUSTOM_PREUPGRADE_TIMEOUT", "none"),
     ("CVX_PREUPGRADE_TIMEOUT", "none"),
+    ("CVX_PREFLIGHT_INTERVAL", "10m"),
 ];
 
 /// Go's named time layouts Cosmovisor accepts for COSMOVISOR_TIMEFORMAT_LOGS.
@@ -77,6 +78,8 @@ pub struct Config {
     /// How long COSMOVISOR_CUSTOM_PREUPGRADE and `<new> pre-upgrade` may take (None: no limit).
     pub custom_preupgrade_timeout: Option<Duration>,
     pub preupgrade_timeout: Option<Duration>,
+    /// How often the preflight warnings are checked again while the daemon runs.
+    pub preflight_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,6 +294,9 @@ pub fn load(
         .unwrap_or(Duration::from_secs(10));
     let custom_preupgrade_timeout = sources.duration("CVX_CUSTOM_PREUPGRADE_TIMEOUT");
     let preupgrade_timeout = sources.duration("CVX_PREUPGRADE_TIMEOUT");
+    let preflight_interval = sources
+        .duration("CVX_PREFLIGHT_INTERVAL")
+        .unwrap_or(Duration::from_secs(600));
     let max_size = match sources.get("CVX_MAX_SIZE") {
         Some((v, at)) if !v.is_empty() => match v.parse::<u64>() {
             Ok(mib) if mib > 0 => mib.saturating_mul(1 << 20),
@@ -347,6 +353,7 @@ pub fn load(
         }),
         custom_preupgrade_timeout,
         preupgrade_timeout,
+        preflight_interval,
     })
 }
 

@@ -12,6 +12,7 @@ pub mod child;
 pub mod config;
 pub mod history;
 pub mod logs;
+pub mod preflight;
 pub mod rollback;
 pub mod upgrade;
 pub mod watch;
@@ -61,6 +62,8 @@ pub enum RunError {
         height: u64,
         config: PathBuf,
     },
+    #[error("the supervisor could not do its job:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    Unworkable { problems: Vec<String> },
     #[error("cannot set up the supervisor")]
     Setup(#[source] std::io::Error),
 }
@@ -124,6 +127,7 @@ impl RunError {
                 Some("see README, `cvx run`, for every variable and its default".into())
             }
             RunError::Binary(e) => e.hint(),
+            RunError::Unworkable { .. } => Some("cvx run must be able to write $DAEMON_HOME/cosmovisor and read its .cvx/: run it as the user that owns the home".into()),
             RunError::ScheduledWithoutRpc { .. } => Some(
                 "enable the node's RPC on loopback (e.g. laddr = \"tcp://127.0.0.1:26657\")".into(),
             ),
@@ -218,6 +222,29 @@ fn exec(config: &Config, layout: &Layout, args: &[OsString]) -> RunError {
     RunError::Launch { path, source }
 }
 
+/// The preflight warnings in force, said at start and again at each check while they last.
+#[derive(Default)]
+struct Preflight {
+    warnings: Vec<preflight::Warning>,
+}
+
+impl Preflight {
+    fn check(&mut self, config: &Config, layout: &Layout) {
+        let now = preflight::warnings(config, layout);
+        for w in &now {
+            warn!("preflight: {}", w.message);
+        }
+        for gone in self
+            .warnings
+            .iter()
+            .filter(|w| !now.iter().any(|n| n.check == w.check))
+        {
+            info!("preflight: resolved: {}", gone.message);
+        }
+        self.warnings = now;
+    }
+}
+
 /// How long a daemon may take to exit after cvx forwarded a stop signal, when
 /// DAEMON_SHUTDOWN_GRACE is unset: well inside systemd's default stop timeout (90 s), so cvx, not
 /// systemd, does the killing and says so.
@@ -241,6 +268,10 @@ struct Detector {
     said_waiting: bool,
     /// The manifest's next scheduled upgrade (`trigger = "halt-height"`) for the running daemon.
     scheduled: Option<Halt>,
+    /// The manifest's chain id: an RPC reporting another one is not trusted.
+    chain_id: Option<String>,
+    /// The last foreign chain id reported, so it is said once.
+    foreign: Option<String>,
 }
 
 /// Watching for the node to halt at a scheduled upgrade's height (DESIGN §5.1).
@@ -295,14 +326,36 @@ impl Detector {
         Some(plan)
     }
 
+    /// The node's height from its RPC, when it answers and is the manifest's chain.
+    async fn node_height(&mut self) -> Option<u64> {
+        let rpc = self.rpc.as_deref()?;
+        let status = watch::node_status(rpc).await?;
+        match &self.chain_id {
+            Some(id) if *id != status.network => {
+                if self.foreign.as_ref() != Some(&status.network) {
+                    warn!(
+                        "the node's RPC at {rpc} reports chain id {:?}, not the manifest's {id:?}: cvx does not trust its heights (check [rpc] laddr in config/config.toml)",
+                        status.network
+                    );
+                    self.foreign = Some(status.network);
+                }
+                None
+            }
+            _ => {
+                self.foreign = None;
+                Some(status.height)
+            }
+        }
+    }
+
     /// A fired plan, once the node's RPC (when it answers) says the plan's height is reached.
     async fn ready(&mut self) -> Option<PlanInfo> {
         if self.armed.is_none() {
             self.armed = self.fired();
         }
-        let plan = self.armed.as_ref()?;
-        if let Some(rpc) = &self.rpc {
-            match watch::node_height(rpc).await {
+        let plan = self.armed.clone()?;
+        if let Some(rpc) = self.rpc.clone() {
+            match self.node_height().await {
                 // The node halts in the plan's block: its last committed block is height - 1.
                 Some(h) if h + 1 < plan.height => {
                     if self.said_waiting {
@@ -340,8 +393,9 @@ impl Detector {
 
     /// The scheduled upgrade, once the node's RPC shows it halted at its height.
     async fn halted(&mut self) -> Option<PlanInfo> {
+        self.scheduled.as_ref()?;
+        let height = self.node_height().await?;
         let halt = self.scheduled.as_mut()?;
-        let height = watch::node_height(self.rpc.as_deref()?).await?;
         debug!(upgrade = %halt.plan.name, height = halt.plan.height, "scheduled upgrade: the node's RPC reports height {height}");
         if halt.observe(height) {
             info!(upgrade = %halt.plan.name, height = halt.plan.height, "the node halted at height {height}: performing the scheduled upgrade");
@@ -364,6 +418,10 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
     let terminal = std::io::stdin().is_terminal();
     // A manifest that cannot be read cannot verify anything: say so now, not at the height.
     Pins::load(config.manifest.as_deref(), config.recase)?;
+    let problems = preflight::unworkable(layout);
+    if !problems.is_empty() {
+        return Err(RunError::Unworkable { problems });
+    }
     let _supervisor = SupervisorLock::take(layout).map_err(|holder| match holder {
         Holder::Pid(pid) => RunError::AlreadySupervised {
             pid,
@@ -388,6 +446,8 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
             })
         })?;
     }
+    let mut preflight = Preflight::default();
+    preflight.check(config, layout);
     let mut signals = Signals::new().map_err(RunError::Setup)?;
     let mut detector = Detector {
         watcher: Watcher::new(&layout.upgrade_info(), config.poll_interval),
@@ -397,6 +457,9 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
         armed: None,
         said_waiting: false,
         scheduled: None,
+        chain_id: Pins::load(config.manifest.as_deref(), config.recase)?
+            .map(|p| p.chain_id().to_string()),
+        foreign: None,
     };
     let operator_halt = halt_height(args);
 
@@ -443,8 +506,13 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
         if let Some(done) = upgraded.take() {
             done.finish(config, layout, true).await;
         }
+        let mut recheck = tokio::time::interval_at(
+            tokio::time::Instant::now() + config.preflight_interval,
+            config.preflight_interval,
+        );
         let outcome = loop {
             tokio::select! {
+                _ = recheck.tick() => preflight.check(config, layout),
                 status = daemon.wait() => {
                     // Some nodes exit instead of halting once they have written the plan.
                     match detector.exited() {

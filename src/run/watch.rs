@@ -205,13 +205,31 @@ pub async fn rpc_get(rpc: &str, path: &str) -> Option<serde_json::Value> {
     serde_json::from_slice(body).ok()
 }
 
-/// The node's latest height from CometBFT's `/status`, or None when the RPC does not answer.
-pub async fn node_height(rpc: &str) -> Option<u64> {
+/// What the node's CometBFT `/status` says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The chain id (`node_info.network`).
+    pub network: String,
+    pub height: u64,
+}
+
+/// The node's `/status`, or None when the RPC does not answer.
+pub async fn node_status(rpc: &str) -> Option<NodeStatus> {
     let status = rpc_get(rpc, "/status").await?;
-    match &status["result"]["sync_info"]["latest_block_height"] {
+    let height = match &status["result"]["sync_info"]["latest_block_height"] {
         serde_json::Value::String(s) => s.parse().ok(),
         other => other.as_u64(),
-    }
+    }?;
+    let network = status["result"]["node_info"]["network"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Some(NodeStatus { network, height })
+}
+
+/// The node's latest height, or None when the RPC does not answer.
+pub async fn node_height(rpc: &str) -> Option<u64> {
+    node_status(rpc).await.map(|s| s.height)
 }
 
 #[cfg(test)]

@@ -2167,7 +2167,7 @@ fn scheduled_tree(
     let build = |version: &str, sim: &str| {
         let bytes = script(
             &format!("echo \"$*\" >> '{out}/args-{version}'\n"),
-            &format!("--sim-rpc {sim}"),
+            &format!("--sim-rpc --sim-chain-id t-1 {sim}"),
         );
         let src = ctx.path(&format!("{version}-src"));
         fs::write(&src, &bytes).unwrap();
@@ -2666,4 +2666,124 @@ fn a_daemon_that_ignores_the_stop_signal_is_killed_after_the_grace() {
         cvx.logs()
     );
     assert_eq!(processes_with(&ctx.home), vec![], "nothing left running");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Preflight and the node's chain id
+
+#[test]
+fn a_tree_the_supervisor_could_not_switch_is_refused_before_the_node_starts() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "");
+    // Root's tree, readable by all; the supervisor runs as nobody.
+    fs::set_permissions(ctx.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        CVX,
+        "run",
+        "start",
+        "--home",
+    ])
+    .arg(&ctx.home)
+    .env("DAEMON_HOME", &ctx.home)
+    .env("DAEMON_NAME", DAEMON)
+    .env("NO_COLOR", "1");
+    let out = cmd.output().expect("setpriv, from util-linux");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot write {}",
+            ctx.cosmovisor("")
+                .display()
+                .to_string()
+                .trim_end_matches('/')
+        )) && stderr.contains("hint: cvx run must be able to write"),
+        "{stderr}"
+    );
+    assert_eq!(height(&ctx), None, "the node never started");
+}
+
+#[test]
+fn problems_days_away_are_warned_at_start_and_while_they_last_without_stopping_the_node() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    applied_tree(&ctx, "--sim-upgrade v2@400", "--sim-handlers v2");
+    // The next upgrade's binary is gone; the backup directory does not exist; no grace.
+    fs::remove_dir_all(ctx.cosmovisor("upgrades/v2")).unwrap();
+    let backups = ctx.path("backups");
+    let manifest = ctx.path("cvx.toml");
+    let env = with_backups(
+        backups.to_str().unwrap(),
+        &[
+            ("CVX_MANIFEST", manifest.to_str().unwrap()),
+            ("CVX_PREFLIGHT_INTERVAL", "100ms"),
+        ],
+    );
+    let mut cvx = spawn(&ctx, command(&ctx, &env, &[]));
+    for what in [
+        "does not exist: create it",
+        "DAEMON_SHUTDOWN_GRACE is not set",
+        "the next upgrade, \"v2\", is not ready on this host",
+    ] {
+        wait_for(what, LIMIT, || cvx.stderr().matches(what).count() >= 2);
+    }
+    let started = cvx
+        .stderr()
+        .find("started ")
+        .expect("the node runs meanwhile");
+    let first_warning = cvx.stderr().find("preflight:").unwrap();
+    assert!(
+        first_warning < started,
+        "warned before the launch:\n{}",
+        cvx.logs()
+    );
+
+    fs::create_dir_all(&backups).unwrap();
+    wait_for("the resolved backup directory", LIMIT, || {
+        cvx.stderr()
+            .contains("preflight: resolved: DAEMON_DATA_BACKUP_DIR")
+    });
+    assert!(cvx.child.try_wait().unwrap().is_none(), "{}", cvx.logs());
+    assert!(height(&ctx).unwrap_or(0) > 0);
+    send(cvx.pid(), Signal::TERM);
+    assert_eq!(cvx.exit().code(), Some(0));
+}
+
+#[test]
+fn an_rpc_of_another_chain_is_not_trusted_by_the_height_gate() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    rpc_config(&ctx);
+    // The RPC would hold the gate closed (it reports 5 below the real height), but it answers
+    // for another chain than the manifest's.
+    applied_tree(
+        &ctx,
+        "--sim-rpc --sim-chain-id other-1 --sim-rpc-height-offset 5 --sim-upgrade v2@10",
+        "--sim-handlers v2 --sim-exit-at 12 0",
+    );
+    let manifest = ctx.path("cvx.toml");
+
+    let (_, stderr) = run_cvx(
+        &ctx,
+        &[("CVX_MANIFEST", manifest.to_str().unwrap())],
+        &[],
+        0,
+    );
+
+    assert!(
+        stderr.contains("reports chain id \"other-1\", not the manifest's \"t-1\""),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("waiting for it to reach the plan's height"),
+        "{stderr}"
+    );
+    assert_eq!(current(&ctx), "upgrades/v2");
+    assert_eq!(applied(&ctx), ["v2"]);
 }
