@@ -52,7 +52,7 @@ pub enum Command {
     /// Supervise the node as `cosmovisor run` does: every argument goes to the daemon.
     #[command(disable_help_flag = true)]
     Run(RunArgs),
-    /// Print the JSON Schema of the manifest (or of plan's JSON output).
+    /// Print the JSON Schema of the manifest (or of plan's or status's JSON output).
     Schema(SchemaArgs),
     /// Write a manifest from another source of truth (the chain registry).
     Import {
@@ -189,6 +189,8 @@ pub enum SchemaKind {
     Manifest,
     /// The JSON document `cvx plan --json` prints.
     Plan,
+    /// The JSON document `cvx status --json` prints.
+    Status,
 }
 
 impl Command {
@@ -391,6 +393,7 @@ pub fn schema(which: SchemaKind) -> String {
     match which {
         SchemaKind::Manifest => render::json(&schemars::schema_for!(manifest::Manifest)),
         SchemaKind::Plan => render::json(&schemars::schema_for!(Plan)),
+        SchemaKind::Status => render::json(&schemars::schema_for!(crate::status::Status)),
     }
 }
 
@@ -588,7 +591,10 @@ fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
     let home = home(&args.common, &loaded);
     let plan = compute_plan(&loaded, home.clone(), None, false)?;
     let node = runtime()?.block_on(crate::status::node(home.as_deref()));
-    let status = crate::status::status(&plan, node);
+    let mut status = crate::status::status(&plan, node);
+    status.supervisor = home
+        .as_deref()
+        .and_then(|h| crate::status::supervisor(&Layout::new(h)));
     if args.common.json {
         print!("{}", render::json(&status));
     } else {

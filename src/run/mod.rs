@@ -15,6 +15,7 @@
 
 pub mod config;
 pub mod logs;
+pub mod metrics;
 pub mod upgrade;
 pub mod watch;
 
@@ -100,12 +101,19 @@ pub fn skip_heights(args: &[OsString]) -> Vec<u64> {
 /// supervisor waits on events; one thread keeps its memory small).
 pub fn main(args: Vec<OsString>) -> Result<u8, RunError> {
     let (config_file, args) = split_args(args);
-    let config = config::load(std::env::vars(), config_file.as_deref())?;
+    // Only `start` records facts and serves metrics; CVX_METRICS_ADDR is bound with the
+    // configuration, so a port in use is reported with the other problems.
+    let start = args.first().is_some_and(|a| a == "start");
+    let (config, listener) =
+        config::load_and_listen(std::env::vars(), config_file.as_deref(), start)?;
     logs::init(&config, false);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RunError::Setup)?;
+    if start {
+        metrics::start(&runtime, &config, listener).map_err(RunError::Setup)?;
+    }
     runtime.block_on(supervise(&config, &args))
 }
 
@@ -140,6 +148,7 @@ impl Daemon {
             "started {}",
             layout.current().join("bin").join(&config.name).display()
         );
+        metrics::handle().daemon_started();
         Ok(Daemon { child, group: pid })
     }
 
@@ -152,13 +161,15 @@ impl Daemon {
     }
 
     async fn wait(&mut self) -> ExitStatus {
-        match self.child.wait().await {
+        let status = match self.child.wait().await {
             Ok(status) => status,
             Err(e) => {
                 warn!("lost track of the daemon: {e}");
                 ExitStatus::from_raw(1 << 8)
             }
-        }
+        };
+        metrics::handle().daemon_exited();
+        status
     }
 
     /// SIGTERM, up to `grace`, then SIGKILL; without a grace, SIGKILL at once.
@@ -350,6 +361,7 @@ async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
             }
             _ => {
                 info!(upgrade = %plan.name, height = plan.height, "upgrade pending at start: switching before launch");
+                metrics::handle().upgrade_started(&plan.name, plan.height);
                 if let Some(code) = run_upgrade(config, &layout, &plan, &mut signals).await? {
                     return Ok(code);
                 }
@@ -401,6 +413,7 @@ async fn supervise(config: &Config, args: &[OsString]) -> Result<u8, RunError> {
             }
             Outcome::Upgrade(plan) => {
                 info!(upgrade = %plan.name, height = plan.height, "stopping the daemon");
+                metrics::handle().upgrade_started(&plan.name, plan.height);
                 let status = daemon.stop(config.shutdown_grace).await;
                 info!(upgrade = %plan.name, height = plan.height, "the daemon stopped ({status})");
                 if let Some(code) = run_upgrade(config, &layout, &plan, &mut signals).await? {
@@ -436,6 +449,7 @@ async fn run_upgrade(
             }
         }
     };
+    metrics::handle().upgrade_finished(&result);
     result.map_err(|source| RunError::Upgrade {
         name: plan.name.clone(),
         height: plan.height,

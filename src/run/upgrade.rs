@@ -120,6 +120,7 @@ pub async fn perform(
 
 /// Copy `home/data` to `backup_dir/data-backup-<date>`, refusing early when the room is short.
 fn backup(home: &Path, backup_dir: &Path) -> Result<PathBuf, UpgradeError> {
+    super::metrics::handle().backup_started();
     let data = home.join("data");
     let need = tree_size(&data).map_err(io_err("measure", &data))?;
     fs::create_dir_all(backup_dir).map_err(io_err("create", backup_dir))?;
@@ -147,6 +148,7 @@ fn backup(home: &Path, backup_dir: &Path) -> Result<PathBuf, UpgradeError> {
         to: to.clone(),
         source,
     })?;
+    super::metrics::handle().backup_finished(need);
     Ok(to)
 }
 
