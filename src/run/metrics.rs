@@ -31,7 +31,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::config::Config;
 use crate::receipt::FileIdentity;
@@ -635,6 +635,7 @@ async fn refresh(metrics: Metrics, config: Config) {
                 view.blocks_remaining = None;
             }
         }
+        trace!("metrics: refreshed");
     }
 }
 
@@ -904,4 +905,136 @@ async fn reply(
         stream.write_all(body.as_bytes()).await?;
     }
     stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(metrics: &Metrics) -> Vec<String> {
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_supervisor_exposes_only_what_it_knows() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new(&Layout::new(dir.path()), "simd");
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(
+            values(&metrics),
+            [
+                format!(
+                    r#"cvx_info{{version="{version}",chain_id="",daemon="simd",current=""}} 1.0"#
+                ),
+                "cvx_daemon_up 0.0".into(),
+                "cvx_daemon_restarts_total 0".into(),
+                "cvx_node_rpc_up 0.0".into(),
+                r#"cvx_upgrades_total{result="success"} 0"#.into(),
+                r#"cvx_upgrades_total{result="failure"} 0"#.into(),
+            ]
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("# TYPE cvx_upgrades_total counter\n"),
+            "{text}"
+        );
+        assert!(text.contains("# HELP cvx_daemon_up 1 while"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new(&Layout::new(dir.path()), "a\"b\\c\nd");
+        assert!(
+            metrics.encode().contains(r#"daemon="a\"b\\c\nd""#),
+            "{}",
+            metrics.encode()
+        );
+    }
+
+    #[test]
+    fn events_become_facts_and_the_next_cvx_keeps_the_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        let metrics = Metrics::new(&layout, "simd");
+        metrics.daemon_started();
+        metrics.upgrade_started("v2", 30);
+        metrics.daemon_exited();
+        metrics.backup_started();
+        metrics.backup_finished(1234);
+        metrics.upgrade_finished(&Ok::<(), io::Error>(()));
+        metrics.daemon_started();
+        let record = crate::status::read_record(&layout).unwrap();
+        let facts = &record.facts;
+        assert!(facts.daemon_up);
+        assert_eq!(facts.daemon_restarts, 1);
+        assert_eq!((facts.upgrades.success, facts.upgrades.failure), (1, 0));
+        let last = facts.last_upgrade.as_ref().unwrap();
+        assert_eq!((last.name.as_str(), last.height), ("v2", 30));
+        assert!(last.downtime_seconds.is_some_and(|d| d >= 0.0));
+        let backup = facts.last_backup.as_ref().unwrap();
+        assert_eq!((backup.upgrade.as_str(), backup.bytes_copied), ("v2", 1234));
+        let text = values(&metrics).join("\n");
+        assert!(text.contains("cvx_upgrade_last_failed 0.0"), "{text}");
+        assert!(
+            text.contains("cvx_backup_last_bytes_copied 1234.0"),
+            "{text}"
+        );
+        // The writer is this process, alive: cvx status says it runs.
+        assert!(crate::status::supervisor(&layout).unwrap().running);
+
+        metrics.upgrade_started("v3", 60);
+        metrics.upgrade_finished(&Err::<(), _>(io::Error::other("no binary")));
+        let next = Metrics::new(&layout, "simd");
+        let text = values(&next).join("\n");
+        assert!(
+            text.contains(r#"cvx_upgrades_total{result="success"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cvx_upgrades_total{result="failure"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("cvx_upgrade_last_failed 1.0"), "{text}");
+        assert!(
+            !text.contains("cvx_upgrade_last_downtime_seconds"),
+            "{text}"
+        );
+        assert!(text.contains("cvx_daemon_restarts_total 0"), "{text}");
+        let facts = crate::status::read_record(&layout).unwrap().facts;
+        assert_eq!(
+            facts.last_upgrade.unwrap().error.as_deref(),
+            Some("no binary")
+        );
+        assert!(!facts.daemon_up);
+    }
+
+    #[test]
+    fn a_record_whose_writer_is_gone_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(dir.path());
+        Metrics::new(&layout, "simd").daemon_started();
+        let mut record = crate::status::read_record(&layout).unwrap();
+        // Same pid, another start: the pid was reused.
+        record.start_ticks += 1;
+        write_json(&crate::status::record_path(&layout), &record).unwrap();
+        let supervisor = crate::status::supervisor(&layout).unwrap();
+        assert!(!supervisor.running && !supervisor.daemon_up);
+    }
+
+    #[test]
+    fn a_disabled_handle_records_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let off = Metrics::default();
+        off.daemon_started();
+        off.upgrade_started("v2", 3);
+        off.upgrade_finished(&Ok::<(), io::Error>(()));
+        assert_eq!(off.encode(), "");
+        assert!(crate::status::read_record(&Layout::new(dir.path())).is_none());
+    }
 }

@@ -11,6 +11,7 @@ mod drift;
 mod examples;
 mod import;
 mod manifest;
+mod metrics;
 mod plan;
 mod run;
 mod runnable;
