@@ -423,6 +423,11 @@ fn readiness_follows_cvx_apply_while_the_node_runs_without_hashing_again() {
     // Nothing changes: ten more refreshes, and the staged files are not judged (hashed) again.
     let judged = |cvx: &Running| cvx.stderr().matches("metrics: judging upgrades/v2").count();
     let refreshes = |cvx: &Running| cvx.stderr().matches("metrics: refreshed").count();
+    // (A refresh that began while apply wrote may judge once more: let two pass.)
+    let settled = refreshes(&cvx);
+    wait_for("two more refreshes", LIMIT, || {
+        refreshes(&cvx) >= settled + 2
+    });
     let (before, refreshed) = (judged(&cvx), refreshes(&cvx));
     wait_for("ten more refreshes", LIMIT, || {
         refreshes(&cvx) >= refreshed + 10
