@@ -581,12 +581,7 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
         .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
     let started = Instant::now();
     let mut command = Command::new(cvx_path());
-    if let Some((manifest, addr)) = &metrics {
-        command
-            .env("CVX_MANIFEST", manifest)
-            .env("CVX_METRICS_ADDR", addr);
-    }
-    let child = command
+    command
         .args(["run", "start", "--home"])
         .arg(&home)
         .env_clear()
@@ -596,7 +591,13 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
         )
         .env("DAEMON_HOME", &home)
         .env("DAEMON_NAME", DAEMON)
-        .env("UNSAFE_SKIP_BACKUP", "true")
+        .env("UNSAFE_SKIP_BACKUP", "true");
+    if let Some((manifest, addr)) = &metrics {
+        command
+            .env("CVX_MANIFEST", manifest)
+            .env("CVX_METRICS_ADDR", addr);
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(
             log.try_clone()

@@ -2,15 +2,13 @@
 //! the node's RPC answers its height and recent block time for an ETA, and what `cvx run start`
 //! recorded under `.cvx/` (the facts its metrics show, DESIGN §5.3).
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::Loaded;
-use crate::plan::{ArtifactKind, ArtifactState, PendingPlan, Plan, PlanInput, StageAction};
-use crate::tree::{InspectOptions, Layout, TreeError};
+use crate::plan::{ArtifactKind, ArtifactState, PendingPlan, Plan, StageAction};
+use crate::tree::Layout;
 
 /// Bumped when the JSON shape changes incompatibly.
 pub const FORMAT_VERSION: u32 = 1;
@@ -182,50 +180,6 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     // The command (field 2) may hold spaces and parentheses: count from its closing one.
     let (_, rest) = stat.rsplit_once(')')?;
     rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StatusError {
-    #[error("platform {platform} is not among the manifest's platforms ({declared})")]
-    Platform { platform: String, declared: String },
-    #[error(transparent)]
-    Tree(#[from] TreeError),
-}
-
-/// The status of the tree under `layout` as `cvx status` judges it, hashing (where no receipt
-/// vouches) only the files of the stages in `hash`: those of other stages do not change where
-/// the node stands or whether the next upgrade is ready.
-pub fn of_tree(
-    loaded: &Loaded,
-    layout: &Layout,
-    recase: bool,
-    hash: BTreeSet<String>,
-    node: Node,
-) -> Result<(Plan, Status), StatusError> {
-    let platform = crate::cli::host_platform();
-    let declared = loaded.manifest.platforms();
-    if !declared.contains(&platform) {
-        return Err(StatusError::Platform {
-            platform,
-            declared: declared.join(", "),
-        });
-    }
-    let tree = crate::tree::inspect(
-        layout,
-        &InspectOptions {
-            verify: false,
-            managed: hash,
-        },
-    )?;
-    let input = PlanInput {
-        platform,
-        recase,
-        home: Some(layout.home.clone()),
-        warnings: Vec::new(),
-    };
-    let plan = crate::plan::plan(&loaded.manifest, &tree, &input);
-    let status = status(&plan, node);
-    Ok((plan, status))
 }
 
 /// Derive the status from a plan, the manifest and what the node said.

@@ -7,18 +7,17 @@
 //! show are the same facts, and the upgrade counts survive a restart of cvx (a failed upgrade
 //! ends cvx: the next cvx still reports it).
 //!
-//! With metrics on, a timer (CVX_METRICS_INTERVAL, 5 s) reads the node's height from its RPC and
-//! judges the next upgrade as `cvx status` does. A timer rather than work at scrape time: a scrape
-//! then only encodes, never waits on the node's RPC or on a hash, and the work per interval is
-//! bounded whoever scrapes: one `/status` GET, reading the manifest, and a few `stat`s; a
-//! binary without a receipt is hashed again only when its file changes. A `cvx apply` that stages
-//! the next binary while the node runs shows within one interval.
+//! With metrics on, a timer (CVX_METRICS_INTERVAL, 5 s) reads the node's height from its RPC and,
+//! when the tree or the manifest changed, has `cvx status` judge the next upgrade (see [`Judge`]).
+//! A timer rather than work at scrape time: a scrape then only encodes, never waits on the node's
+//! RPC or on a hash, and the work per interval is bounded whoever scrapes: one `/status` GET and
+//! a few `stat`s. A `cvx apply` that stages the next binary while the node runs shows within one
+//! interval.
 //!
 //! The HTTP side is a small HTTP/1.1 responder on tokio's TCP listener: `GET /metrics` (and
 //! HEAD), one request per connection, a few connections at once, a deadline for each. A
 //! server framework would map more code into the supervisor for one route (DESIGN's memory goal).
 
-use std::collections::BTreeSet;
 use std::fmt;
 use std::io;
 use std::path::PathBuf;
@@ -29,13 +28,14 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, trace, warn};
 
 use super::config::Config;
 use crate::receipt::FileIdentity;
-use crate::status::{LastBackup, LastUpgrade, Node, Record, Status, Supervisor, UpgradeResult};
+use crate::status::{LastBackup, LastUpgrade, Record, Supervisor, UpgradeResult};
 use crate::tree::Layout;
 
 /// One metric as exposed: its name, type and help (README's table and the examples under
@@ -550,7 +550,7 @@ fn encode_value(encoder: &mut MetricEncoder, kind: MetricType, value: f64) -> fm
 // Keeping the node's height and the next upgrade fresh
 
 /// Every CVX_METRICS_INTERVAL, and when the daemon starts: the node's height and chain id from
-/// its RPC, then the next upgrade as `cvx status` judges it (with CVX_MANIFEST).
+/// its RPC, then, with CVX_MANIFEST, the next upgrade as `cvx status` judges it.
 async fn refresh(metrics: Metrics, config: Config) {
     let Some(shared) = metrics.0.clone() else {
         return;
@@ -560,8 +560,10 @@ async fn refresh(metrics: Metrics, config: Config) {
         layout: Layout::new(&config.home),
         manifest: config.manifest.clone(),
         recase: config.recase,
-        memo: None,
+        tree: None,
+        status: None,
         said: None,
+        passed: Value::Null,
     };
     let mut tick = tokio::time::interval(config.metrics_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -579,7 +581,7 @@ async fn refresh(metrics: Metrics, config: Config) {
             answer
                 .as_ref()
                 .and_then(|a| match &a["result"]["sync_info"]["latest_block_height"] {
-                    serde_json::Value::String(s) => s.parse().ok(),
+                    Value::String(s) => s.parse().ok(),
                     other => other.as_u64(),
                 });
         let network = answer
@@ -588,42 +590,23 @@ async fn refresh(metrics: Metrics, config: Config) {
             .map(String::from);
         // The last height known stays: a node whose RPC went silent is not advancing either.
         last_height = height.or(last_height);
-        let node = Node {
-            answering: height.is_some(),
-            height: last_height,
-            ..Node::default()
-        };
-        // Reading the manifest and the tree (and hashing a binary without a receipt that changed)
-        // is blocking work: off the supervisor's thread.
-        let judged = tokio::task::spawn_blocking(move || {
-            let status = judge.status(node);
-            (judge, status)
-        })
-        .await;
-        let Ok((returned, status)) = judged else {
-            warn!("the metrics refresh panicked; metrics stay as they were");
-            return;
-        };
-        judge = returned;
+        let status = judge.status(last_height).await;
         let mut state = shared.lock();
         let view = &mut state.view;
         view.node_height = last_height;
         view.rpc_up = height.is_some();
         match status {
             Some(status) => {
-                view.chain_id = status.chain.clone();
-                view.current = status
-                    .current
-                    .upgrade
-                    .clone()
-                    .or(status.current.stage.clone())
+                let text = |v: &Value| v.as_str().map(String::from);
+                view.chain_id = text(&status["chain"]).unwrap_or_default();
+                view.current = text(&status["current"]["upgrade"])
+                    .or_else(|| text(&status["current"]["stage"]))
                     .unwrap_or_default();
-                view.next = status.next.as_ref().map(|n| NextUpgrade {
-                    name: n.name.clone(),
-                    height: n.height,
-                    ready: n.binary_ready,
+                view.next = status["next"]["name"].as_str().map(|name| NextUpgrade {
+                    name: name.to_string(),
+                    height: status["next"]["height"].as_u64(),
+                    ready: status["next"]["binary_ready"] == true,
                 });
-                view.blocks_remaining = status.node.blocks_remaining;
             }
             None => {
                 view.chain_id = network.unwrap_or_default();
@@ -632,56 +615,73 @@ async fn refresh(metrics: Metrics, config: Config) {
                     name => name,
                 };
                 view.next = None;
-                view.blocks_remaining = None;
             }
         }
+        // As `cvx status` counts them.
+        view.blocks_remaining = view
+            .next
+            .as_ref()
+            .and_then(|n| n.height)
+            .zip(last_height)
+            .map(|(target, at)| target.saturating_sub(at));
         trace!("metrics: refreshed");
     }
 }
 
-/// The next upgrade judged as `cvx status` does, remembering the last judgement of its files.
+/// The next upgrade judged by `cvx status` itself, in a child process, whenever the tree or the
+/// manifest changed: the judgement is the same by construction, and the supervisor maps none of
+/// the code (manifest, plan, hashing) that makes it, nor its memory. Unchanged, nothing runs:
+/// files with receipts are not hashed by `cvx status` anyway, and those without one are hashed
+/// again only when something in the tree changed.
 struct Judge {
     layout: Layout,
     manifest: Option<PathBuf>,
     recase: bool,
-    memo: Option<Memo>,
+    /// The tree as it was at the last judgement.
+    tree: Option<TreeState>,
+    /// That judgement: `cvx status --json`, or None when it failed.
+    status: Option<Value>,
     /// The last problem logged, so that a lasting one is said once.
     said: Option<String>,
+    /// The next upgrade judged again because the node passed its height.
+    passed: Value,
 }
 
-/// Whether the next upgrade was ready, and what its files and pins were then.
-struct Memo {
-    key: Fingerprint,
-    ready: bool,
-    reason: String,
-}
-
-/// The next stage's pins and the identity of each of its files and their receipts: while it
-/// holds, so does the judgement.
+/// What `cvx status`'s judgement depends on in the tree, as cheap `stat`s: the manifest, the
+/// `current` link, and every staged file with its receipt, by identity.
 #[derive(Debug, PartialEq)]
-struct Fingerprint {
-    dir: String,
-    pins: Vec<(String, String)>,
-    files: Vec<(String, Option<FileIdentity>, Option<FileIdentity>)>,
+struct TreeState {
+    manifest: Option<FileIdentity>,
+    current: Option<PathBuf>,
+    files: Vec<(PathBuf, Option<FileIdentity>, Option<FileIdentity>)>,
 }
+
+/// How long `cvx status` may take (it may hash a large binary staged without a receipt).
+const JUDGE_DEADLINE: Duration = Duration::from_secs(300);
 
 impl Judge {
-    /// The status, or None without a manifest or with one that cannot be judged (said once).
-    fn status(&mut self, node: Node) -> Option<Status> {
-        let path = self.manifest.clone()?;
-        let result = crate::manifest::load(&path)
-            .map_err(|e| {
-                format!(
-                    "manifest {}: {}",
-                    path.display(),
-                    crate::render::error_chain(&e)
-                )
-            })
-            .and_then(|loaded| {
-                self.judge(&loaded, node)
-                    .map_err(|e| crate::render::error_chain(&e))
-            });
-        match result {
+    /// `cvx status --json`, judged again when the tree changed or the node passed the next
+    /// upgrade's height (where `current` is not a manifest stage, the next one is the first
+    /// above the node's height); None without a manifest, or when it failed (said once).
+    async fn status(&mut self, height: Option<u64>) -> Option<Value> {
+        let manifest = self.manifest.clone()?;
+        let tree = self.tree_state(&manifest);
+        // Once per next upgrade: a node that skipped it stays past it.
+        let passed = self.status.as_ref().and_then(|s| {
+            let next = &s["next"];
+            let at = height?;
+            (at >= next["height"].as_u64()? && next["name"] != self.passed)
+                .then(|| next["name"].clone())
+        });
+        if self.tree.as_ref() == Some(&tree) && passed.is_none() {
+            return self.status.clone();
+        }
+        if let Some(name) = passed {
+            self.passed = name;
+        }
+        debug!("metrics: judging the next upgrade (the tree changed): cvx status");
+        self.tree = Some(tree);
+        self.status = match self.run_status(&manifest).await {
             Ok(status) => {
                 self.said = None;
                 Some(status)
@@ -693,88 +693,82 @@ impl Judge {
                 }
                 None
             }
-        }
+        };
+        self.status.clone()
     }
 
-    fn judge(
-        &mut self,
-        loaded: &crate::manifest::Loaded,
-        node: Node,
-    ) -> Result<Status, crate::status::StatusError> {
-        // Where the node stands needs no hash: which stage is next, and its pins.
-        let (plan, mut status) = crate::status::of_tree(
-            loaded,
-            &self.layout,
-            self.recase,
-            BTreeSet::new(),
-            node.clone(),
-        )?;
-        let Some(next) = status.next.as_mut() else {
-            return Ok(status);
+    async fn run_status(&self, manifest: &std::path::Path) -> Result<Value, String> {
+        // This very binary, even if a newer cvx replaced the file since.
+        let output = tokio::process::Command::new("/proc/self/exe")
+            .args(["status", "--json", "--quiet", "--manifest"])
+            .arg(manifest)
+            .arg("--home")
+            .arg(&self.layout.home)
+            .env(
+                "COSMOVISOR_DISABLE_RECASE",
+                if self.recase { "false" } else { "true" },
+            )
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let output = match tokio::time::timeout(JUDGE_DEADLINE, output).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(e)) => return Err(format!("cannot run cvx status: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "cvx status took more than {}",
+                    crate::duration::show(JUDGE_DEADLINE)
+                ));
+            }
         };
-        let pins = plan
-            .upgrades
-            .iter()
-            .find(|s| s.dir == next.dir)
-            .map(|s| {
-                s.artifacts
-                    .iter()
-                    .map(|a| (a.destination.clone(), a.sha256.clone()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let key = fingerprint(&self.layout, &next.dir, pins);
-        match &self.memo {
-            Some(memo) if memo.key == key => {
-                next.binary_ready = memo.ready;
-                next.reason = memo.reason.clone();
-            }
-            _ => {
-                debug!("metrics: judging {} (its files or pins changed)", next.dir);
-                let (_, judged) = crate::status::of_tree(
-                    loaded,
-                    &self.layout,
-                    self.recase,
-                    BTreeSet::from([next.dir.clone()]),
-                    node,
-                )?;
-                let judged = judged.next.filter(|j| j.dir == next.dir);
-                next.binary_ready = judged.as_ref().is_some_and(|j| j.binary_ready);
-                next.reason = judged.map(|j| j.reason).unwrap_or_default();
-                self.memo = Some(Memo {
-                    key,
-                    ready: next.binary_ready,
-                    reason: next.reason.clone(),
-                });
-            }
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            return Err(format!(
+                "cvx status failed ({}): {}",
+                output.status,
+                stderr.lines().next().unwrap_or_default()
+            ));
         }
-        Ok(status)
+        serde_json::from_slice(&output.stdout)
+            .map_err(|e| format!("cvx status printed no JSON document: {e}"))
     }
-}
 
-/// `dir`'s files under `bin/` and `lib/` with their identities and their receipts' identities.
-fn fingerprint(layout: &Layout, dir: &str, pins: Vec<(String, String)>) -> Fingerprint {
-    let identity = |path: &std::path::Path| {
-        std::fs::symlink_metadata(path)
-            .ok()
-            .map(|m| FileIdentity::of(&m))
-    };
-    let mut files = Vec::new();
-    for sub in ["bin", "lib"] {
-        let Ok(entries) = std::fs::read_dir(layout.root().join(dir).join(sub)) else {
-            continue;
+    fn tree_state(&self, manifest: &std::path::Path) -> TreeState {
+        let identity = |path: &std::path::Path| {
+            std::fs::symlink_metadata(path)
+                .ok()
+                .map(|m| FileIdentity::of(&m))
         };
-        for entry in entries.flatten() {
-            let rel = format!("{dir}/{sub}/{}", entry.file_name().to_string_lossy());
-            let receipt = crate::receipt::receipt_path(&layout.receipts(), &rel);
-            files.push((rel, identity(&entry.path()), identity(&receipt)));
+        let root = self.layout.root();
+        let mut stages = vec![crate::tree::GENESIS.to_string()];
+        if let Ok(entries) = std::fs::read_dir(root.join("upgrades")) {
+            stages.extend(
+                entries
+                    .flatten()
+                    .map(|e| format!("upgrades/{}", e.file_name().to_string_lossy())),
+            );
         }
-    }
-    files.sort_by(|a, b| a.0.cmp(&b.0));
-    Fingerprint {
-        dir: dir.to_string(),
-        pins,
-        files,
+        let mut files = Vec::new();
+        for stage in stages {
+            for sub in ["bin", "lib"] {
+                let Ok(entries) = std::fs::read_dir(root.join(&stage).join(sub)) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let rel = format!("{stage}/{sub}/{}", entry.file_name().to_string_lossy());
+                    let receipt = crate::receipt::receipt_path(&self.layout.receipts(), &rel);
+                    files.push((entry.path(), identity(&entry.path()), identity(&receipt)));
+                }
+            }
+        }
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        TreeState {
+            manifest: std::fs::metadata(manifest)
+                .ok()
+                .map(|m| FileIdentity::of(&m)),
+            current: std::fs::read_link(self.layout.current()).ok(),
+            files,
+        }
     }
 }
 

@@ -421,7 +421,11 @@ fn readiness_follows_cvx_apply_while_the_node_runs_without_hashing_again() {
     assert_eq!(status_json(&ctx, &m)["next"]["binary_ready"], true);
 
     // Nothing changes: ten more refreshes, and the staged files are not judged (hashed) again.
-    let judged = |cvx: &Running| cvx.stderr().matches("metrics: judging upgrades/v2").count();
+    let judged = |cvx: &Running| {
+        cvx.stderr()
+            .matches("metrics: judging the next upgrade")
+            .count()
+    };
     let refreshes = |cvx: &Running| cvx.stderr().matches("metrics: refreshed").count();
     // (A refresh that began while apply wrote may judge once more: let two pass.)
     let settled = refreshes(&cvx);
@@ -452,6 +456,49 @@ fn readiness_follows_cvx_apply_while_the_node_runs_without_hashing_again() {
     assert_eq!(request(&addr, "GET", "/").0, 404);
     assert_eq!(request(&addr, "POST", "/metrics").0, 405);
 
+    send(cvx.pid(), Signal::TERM);
+    cvx.finish(0);
+}
+
+#[test]
+fn off_the_manifest_the_next_upgrade_follows_the_nodes_height() {
+    // `current` points to a stage the manifest does not name: the next upgrade is the first
+    // above the node's height, and changes as the node passes one, with no change in the tree.
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    rpc_config(&ctx);
+    let g = node("--sim-version v1.0.0");
+    let m = manifest(
+        &ctx,
+        &[
+            ("genesis", None, &g),
+            ("v2", Some(40), &node("--sim-version v2.0.0")),
+            ("v3", Some(1_000_000), &node("--sim-version v3.0.0")),
+        ],
+    );
+    stage_bin(&ctx, "upgrades/custom", &node("--sim-block-time 50ms"));
+    std::os::unix::fs::symlink("upgrades/custom", ctx.cosmovisor("current")).unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let env = [
+        ("CVX_METRICS_ADDR", addr.as_str()),
+        ("CVX_METRICS_INTERVAL", "100ms"),
+        ("CVX_MANIFEST", m.to_str().unwrap()),
+    ];
+    let cvx = spawn(&ctx, command(&ctx, &env, &[]));
+
+    let s = scrape_until(&cvx, &addr, "v2 next", |s| {
+        s.value(r#"cvx_upgrade_next_height{name="v2"}"#) == Some(40.0)
+    });
+    assert!(s.value("cvx_node_height").unwrap_or(0.0) < 40.0, "{}", s.0);
+    let info = format!(
+        r#"cvx_info{{version="{VERSION}",chain_id="sim-1",daemon="simd",current="upgrades/custom"}}"#
+    );
+    assert_eq!(s.value(&info), Some(1.0), "{}", s.0);
+    let s = scrape_until(&cvx, &addr, "v3 next once the node passed 40", |s| {
+        s.value(r#"cvx_upgrade_next_height{name="v3"}"#) == Some(1e6)
+    });
+    assert!(s.value("cvx_node_height").unwrap() >= 40.0, "{}", s.0);
+    assert!(!s.0.contains(r#"name="v2""#), "{}", s.0);
     send(cvx.pid(), Signal::TERM);
     cvx.finish(0);
 }
