@@ -17,13 +17,16 @@
 //!   start of `/bin/sh` and one run of `date`; that overhead is measured on its own and printed,
 //!   and is not subtracted.
 //!
-//! Scenarios (`CVX_BENCH_SCENARIOS=plain,rpc,receipts` picks some; all run by default):
+//! Scenarios (`CVX_BENCH_SCENARIOS=plain,rpc,receipts,metrics` picks some; all run by default):
 //! - plain: the setup; no node RPC, and staged binaries without receipts (nothing to hash).
 //! - rpc: the node's RPC answers at config.toml's `[rpc] laddr`, as on a production node; cvx asks
 //!   it for the height before it stops the node.
 //! - receipts: every staged binary is 100 MiB (the script, then a sparse tail the shell never
 //!   reads) with a receipt as `cvx apply` writes it, so cvx hashes it before switching, as it does
 //!   for binaries it staged itself.
+//! - metrics: as rpc, with metrics on: CVX_MANIFEST pins every version (and a staged v13, the next
+//!   upgrade once v12 runs), CVX_METRICS_ADDR is served, and /metrics is scraped every 250 ms
+//!   while the memory is measured (a Prometheus scrapes every 15 s or more).
 //!
 //! Each goal is judged in every scenario; the summary prints one line per metric.
 //!
@@ -37,6 +40,7 @@
 //! the goals are met is printed, not turned into an exit code.
 
 use std::fs;
+use std::io::Write as _;
 use std::mem::MaybeUninit;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -68,6 +72,8 @@ const RSS_GOAL_KIB: u64 = 8 * 1024;
 /// Size of the staged binaries in the receipts scenario (a Cosmos SDK node is 100-200 MB).
 const BINARY_MIB: u64 = 100;
 const CALIBRATION_RUNS: usize = 21;
+/// How often the metrics scenario scrapes /metrics while it measures the memory.
+const SCRAPE_EVERY: Duration = Duration::from_millis(250);
 
 #[path = "support/mod.rs"]
 mod support;
@@ -92,6 +98,8 @@ enum Scenario {
     Rpc,
     /// cvx receipts for BINARY_MIB MiB staged binaries; cvx hashes each before switching.
     Receipts,
+    /// As Rpc, with CVX_MANIFEST and CVX_METRICS_ADDR, scraped while the memory is measured.
+    Metrics,
 }
 
 impl Scenario {
@@ -100,6 +108,7 @@ impl Scenario {
             Scenario::Plain => "plain",
             Scenario::Rpc => "rpc",
             Scenario::Receipts => "receipts",
+            Scenario::Metrics => "metrics",
         }
     }
 
@@ -112,6 +121,10 @@ impl Scenario {
             Scenario::Receipts => {
                 format!("cvx receipts for {BINARY_MIB} MiB binaries (hashed before the switch)")
             }
+            Scenario::Metrics => format!(
+                "as rpc, with CVX_MANIFEST and CVX_METRICS_ADDR; /metrics scraped every {} ms",
+                SCRAPE_EVERY.as_millis()
+            ),
         }
     }
 }
@@ -249,7 +262,12 @@ fn run() -> Result<()> {
 
 /// The scenarios to run: all, or those named in `CVX_BENCH_SCENARIOS` (comma-separated).
 fn scenarios() -> Result<Vec<Scenario>> {
-    let all = [Scenario::Plain, Scenario::Rpc, Scenario::Receipts];
+    let all = [
+        Scenario::Plain,
+        Scenario::Rpc,
+        Scenario::Receipts,
+        Scenario::Metrics,
+    ];
     let Some(wanted) = std::env::var_os("CVX_BENCH_SCENARIOS") else {
         return Ok(all.to_vec());
     };
@@ -260,7 +278,9 @@ fn scenarios() -> Result<Vec<Scenario>> {
         .filter(|w| !w.is_empty())
         .map(|w| {
             all.iter().copied().find(|s| s.name() == w).ok_or_else(|| {
-                format!("CVX_BENCH_SCENARIOS: unknown scenario {w:?} (known: plain, rpc, receipts)")
+                format!(
+                    "CVX_BENCH_SCENARIOS: unknown scenario {w:?} (known: plain, rpc, receipts, metrics)"
+                )
             })
         })
         .collect()
@@ -315,6 +335,66 @@ fn write_receipt(layout: &cvx::tree::Layout, rel: &str) -> Result<()> {
     };
     cvx::receipt::write(&layout.receipts(), &receipt)
         .map_err(|e| format!("cannot write the receipt of {rel}: {e}"))
+}
+
+/// The metrics scenario's manifest (genesis v1, upgrades v2..v13 at their heights, pinned to
+/// `pins`) in `dir`, and a free loopback address for CVX_METRICS_ADDR.
+fn metrics_setup(dir: &Path, pins: &[String]) -> Result<(PathBuf, String)> {
+    let platform = cvx::cli::host_platform();
+    let pin = |n: usize| {
+        format!(
+            "binary.\"{platform}\" = {{ url = \"https://example.org/v{}\", sha256 = \"{}\" }}\n",
+            n + 1,
+            pins[n]
+        )
+    };
+    let mut text = format!(
+        "[chain]\nid = \"bench-1\"\ndaemon = \"{DAEMON}\"\n[genesis]\n{}",
+        pin(0)
+    );
+    for n in 1..pins.len() {
+        text.push_str(&format!(
+            "[[upgrade]]\nname = \"v{}\"\nheight = {}\n{}",
+            n + 1,
+            // v13 is never reached: the node runs v12 while the memory is measured.
+            if n + 1 > LAST_VERSION as usize {
+                1_000_000
+            } else {
+                BLOCKS_PER_VERSION * n as u64
+            },
+            pin(n)
+        ));
+    }
+    let manifest = dir.join("cvx.toml");
+    fs::write(&manifest, text).map_err(|e| format!("cannot write {}: {e}", manifest.display()))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("cannot find a free port: {e}"))?
+        .port();
+    Ok((manifest, format!("127.0.0.1:{port}")))
+}
+
+/// GET /metrics over plain HTTP/1.1; the body of a 200.
+fn scrape(addr: &str) -> Result<String> {
+    use std::io::Read as _;
+    let mut stream =
+        std::net::TcpStream::connect(addr).map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("cannot send to {addr}: {e}"))?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| format!("cannot read from {addr}: {e}"))?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200 ") => Ok(body.to_string()),
+        _ => Err(format!("GET http://{addr}/metrics: {response}")),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -388,8 +468,16 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
         fs::create_dir_all(d).map_err(|e| format!("cannot create {}: {e}", d.display()))?;
     }
     let layout = cvx::tree::Layout::new(&home);
-    let rpc = scenario == Scenario::Rpc;
-    for n in 1..=LAST_VERSION {
+    let rpc = matches!(scenario, Scenario::Rpc | Scenario::Metrics);
+    // The metrics scenario's manifest also pins (and the tree stages) v13: the next upgrade once
+    // v12 runs, judged while the memory is measured.
+    let staged_versions = if scenario == Scenario::Metrics {
+        LAST_VERSION + 1
+    } else {
+        LAST_VERSION
+    };
+    let mut pins = Vec::new();
+    for n in 1..=staged_versions {
         let stage = if n == 1 {
             cvx::tree::GENESIS.to_string()
         } else {
@@ -397,7 +485,13 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
         };
         let rel = format!("{stage}/bin/{DAEMON}");
         let size = (scenario == Scenario::Receipts).then_some(BINARY_MIB << 20);
-        write_executable(&layout.root().join(&rel), &wrapper(&stamps, n, rpc), size)?;
+        let script = wrapper(&stamps, n, rpc);
+        write_executable(&layout.root().join(&rel), &script, size)?;
+        pins.push(
+            cvx::hash::sha256_reader(script.as_bytes())
+                .map_err(|e| format!("cannot hash v{n}: {e}"))?
+                .0,
+        );
         if scenario == Scenario::Receipts && n > 1 {
             write_receipt(&layout, &rel)?;
         }
@@ -419,6 +513,12 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
         .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
     }
 
+    let metrics = if scenario == Scenario::Metrics {
+        Some(metrics_setup(dir.path(), &pins)?)
+    } else {
+        None
+    };
+
     let (written_tx, written_rx) = mpsc::channel::<Written>();
     let observer = watch_upgrade_info(&data, written_tx)?;
 
@@ -429,7 +529,8 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
     let log = fs::File::create(&log_path)
         .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
     let started = Instant::now();
-    let child = Command::new(cvx_path())
+    let mut command = Command::new(cvx_path());
+    command
         .args(["run", "start", "--home"])
         .arg(&home)
         .env_clear()
@@ -439,7 +540,13 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
         )
         .env("DAEMON_HOME", &home)
         .env("DAEMON_NAME", DAEMON)
-        .env("UNSAFE_SKIP_BACKUP", "true")
+        .env("UNSAFE_SKIP_BACKUP", "true");
+    if let Some((manifest, addr)) = &metrics {
+        command
+            .env("CVX_MANIFEST", manifest)
+            .env("CVX_METRICS_ADDR", addr);
+    }
+    let child = command
         .stdin(Stdio::null())
         .stdout(
             log.try_clone()
@@ -471,7 +578,27 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
     thread::sleep(Duration::from_millis(200));
     let pid = cvx.child.id();
     let (cpu_before, since) = (cpu_ticks(pid).map_err(|e| cvx.failure(&e))?, Instant::now());
-    thread::sleep(SETTLE);
+    match &metrics {
+        // A Prometheus scraping (far more often than one would), then the memory.
+        Some((_, addr)) => {
+            while since.elapsed() < SETTLE {
+                let body = scrape(addr).map_err(|e| cvx.failure(&e))?;
+                let upgrades = format!(
+                    "cvx_upgrades_total{{result=\"success\"}} {}\n",
+                    LAST_VERSION - 1
+                );
+                if !body.contains(&upgrades)
+                    || !body.contains("cvx_upgrade_next_ready{name=\"v13\"}")
+                {
+                    return Err(cvx.failure(&format!(
+                        "/metrics lacks {upgrades:?} or v13's readiness:\n{body}"
+                    )));
+                }
+                thread::sleep(SCRAPE_EVERY);
+            }
+        }
+        None => thread::sleep(SETTLE),
+    }
     if let Ok(Some(status)) = cvx.child.try_wait() {
         return Err(cvx.failure(&format!("cvx exited while the last daemon ran ({status})")));
     }

@@ -62,7 +62,7 @@ pub enum Command {
     /// Undo an upgrade: restore the backup taken before it and point current at the stage that
     /// ran before (the node must be stopped).
     Rollback(RollbackArgs),
-    /// Print the JSON Schema of the manifest (or of plan's JSON output).
+    /// Print the JSON Schema of the manifest (or of plan's or status's JSON output).
     Schema(SchemaArgs),
     /// Write a manifest from another source of truth (the chain registry).
     Import {
@@ -246,6 +246,8 @@ pub enum SchemaKind {
     Manifest,
     /// The JSON document `cvx plan --json` prints.
     Plan,
+    /// The JSON document `cvx status --json` prints.
+    Status,
 }
 
 impl Command {
@@ -463,6 +465,7 @@ pub fn schema(which: SchemaKind) -> String {
     match which {
         SchemaKind::Manifest => render::json(&schemars::schema_for!(manifest::Manifest)),
         SchemaKind::Plan => render::json(&schemars::schema_for!(Plan)),
+        SchemaKind::Status => render::json(&schemars::schema_for!(crate::status::Status)),
     }
 }
 
@@ -709,7 +712,10 @@ fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
     let home = home(&args.common, &loaded);
     let plan = compute_plan(&loaded, home.clone(), None, false)?;
     let node = runtime()?.block_on(crate::status::node(home.as_deref()));
-    let status = crate::status::status(&plan, node);
+    let mut status = crate::status::status(&plan, node);
+    status.supervisor = home
+        .as_deref()
+        .and_then(|h| crate::status::supervisor(&Layout::new(h)));
     if args.common.json {
         print!("{}", render::json(&status));
     } else {

@@ -580,7 +580,63 @@ pub fn status_human(status: &crate::status::Status, c: Colors) -> String {
         None => node.reason.clone(),
     };
     let _ = writeln!(out, "{}     {line}", c.bold("node:"));
+    let _ = writeln!(
+        out,
+        "{} {}",
+        c.bold("supervisor:"),
+        supervisor_human(status.supervisor.as_ref(), c)
+    );
     out
+}
+
+/// What the last `cvx run start` recorded, on one line.
+fn supervisor_human(supervisor: Option<&crate::status::Supervisor>, c: Colors) -> String {
+    use crate::status::UpgradeResult;
+    let Some(s) = supervisor else {
+        return "no `cvx run start` recorded on this home".into();
+    };
+    let mut line = if s.running {
+        let daemon = if s.daemon_up {
+            c.green("up")
+        } else {
+            c.yellow("down")
+        };
+        format!(
+            "cvx run (pid {}) running, daemon {daemon}, {} restarts",
+            s.pid, s.daemon_restarts
+        )
+    } else {
+        format!("not running (last: cvx run, pid {})", s.pid)
+    };
+    let _ = write!(
+        line,
+        "; upgrades: {} succeeded, {} failed",
+        s.upgrades.success, s.upgrades.failure
+    );
+    if let Some(last) = &s.last_upgrade {
+        let outcome = match (last.result, &last.downtime_seconds, &last.error) {
+            (UpgradeResult::Success, Some(down), _) => format!("succeeded, {down:.3} s down"),
+            (UpgradeResult::Success, None, _) => "succeeded".into(),
+            (UpgradeResult::Failure, _, error) => c.red(&format!(
+                "failed: {}",
+                error.as_deref().unwrap_or("unknown")
+            )),
+        };
+        let _ = write!(
+            line,
+            "; last {} at height {}: {outcome}",
+            last.name, last.height
+        );
+    }
+    if let Some(b) = &s.last_backup {
+        let _ = write!(
+            line,
+            "; last backup {:.3} s, {} copied",
+            b.seconds,
+            human_size(b.bytes_copied)
+        );
+    }
+    line
 }
 
 /// An error and its causes on one line, for per-action reports and logs.

@@ -55,6 +55,7 @@ impl Daemon {
             "started {}",
             path.display()
         );
+        super::metrics::handle().daemon_started();
         Ok(Daemon {
             child,
             pid,
@@ -76,13 +77,15 @@ impl Daemon {
     }
 
     pub async fn wait(&mut self) -> ExitStatus {
-        match self.child.wait().await {
+        let status = match self.child.wait().await {
             Ok(status) => status,
             Err(e) => {
                 warn!("lost track of the daemon: {e}");
                 ExitStatus::from_raw(1 << 8)
             }
-        }
+        };
+        super::metrics::handle().daemon_exited();
+        status
     }
 
     /// SIGTERM, up to `grace`, then SIGKILL; without a grace, SIGKILL at once.

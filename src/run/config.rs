@@ -3,6 +3,7 @@
 //! names as keys; the environment overrides the file). Every problem is reported together.
 
 use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ pub const VARIABLES: &[(&str, &str)] = &[
     ("CVX_CUSTOM_PREUPGRADE_TIMEOUT", "none"),
     ("CVX_PREUPGRADE_TIMEOUT", "none"),
     ("CVX_PREFLIGHT_INTERVAL", "10m"),
+    ("CVX_METRICS_ADDR", "none (no metrics)"),
+    ("CVX_METRICS_INTERVAL", "5s"),
 ];
 
 /// Go's named time layouts Cosmovisor accepts for COSMOVISOR_TIMEFORMAT_LOGS.
@@ -80,6 +83,10 @@ pub struct Config {
     pub preupgrade_timeout: Option<Duration>,
     /// How often the preflight warnings are checked again while the daemon runs.
     pub preflight_interval: Duration,
+    /// Where `cvx run start` serves Prometheus metrics (CVX_METRICS_ADDR); None: no metrics.
+    pub metrics_addr: Option<SocketAddr>,
+    /// How often, with metrics on, cvx reads the node's height and re-checks the next upgrade.
+    pub metrics_interval: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +184,24 @@ pub fn load(
     env: impl IntoIterator<Item = (String, String)>,
     config_file: Option<&Path>,
 ) -> Result<Config, ConfigError> {
+    load_inner(env, config_file, false).map(|(config, _)| config)
+}
+
+/// `load`, then, when `listen` (`cvx run start`), bind CVX_METRICS_ADDR: a port that cannot be
+/// bound is one more configuration problem, reported with the others before the daemon starts.
+pub fn load_and_listen(
+    env: impl IntoIterator<Item = (String, String)>,
+    config_file: Option<&Path>,
+    listen: bool,
+) -> Result<(Config, Option<TcpListener>), ConfigError> {
+    load_inner(env, config_file, listen)
+}
+
+fn load_inner(
+    env: impl IntoIterator<Item = (String, String)>,
+    config_file: Option<&Path>,
+    listen: bool,
+) -> Result<(Config, Option<TcpListener>), ConfigError> {
     let mut sources = Sources {
         env: env
             .into_iter()
@@ -309,6 +334,30 @@ pub fn load(
         },
         _ => 4096 << 20,
     };
+    let metrics_addr = sources.get("CVX_METRICS_ADDR").and_then(|(v, at)| {
+        let parsed = metrics_addr(&v)
+            .map_err(|why| sources.problems.push(format!("{at}={v:?} {why}")))
+            .ok()?;
+        parsed.map(|addr| (addr, v, at))
+    });
+    let metrics_interval = sources
+        .duration("CVX_METRICS_INTERVAL")
+        .unwrap_or(Duration::from_secs(5));
+    let listener = match &metrics_addr {
+        Some((addr, v, at)) if listen => TcpListener::bind(addr)
+            .map_err(|e| {
+                sources.problems.push(format!(
+                    "{at}={v:?}: cannot serve metrics there ({e}){}",
+                    if e.kind() == std::io::ErrorKind::AddrInUse {
+                        "; another process (another cvx run?) has that port: pick a free one"
+                    } else {
+                        ""
+                    }
+                ))
+            })
+            .ok(),
+        _ => None,
+    };
 
     if !sources.problems.is_empty() {
         return Err(ConfigError {
@@ -328,7 +377,7 @@ pub fn load(
         });
     }
     let custom_preupgrade = custom_preupgrade.map(|script| home.join("cosmovisor").join(script));
-    Ok(Config {
+    let config = Config {
         backup_dir: backup_dir.unwrap_or_else(|| home.clone()),
         home,
         name: name.expect("checked above"),
@@ -354,7 +403,43 @@ pub fn load(
         custom_preupgrade_timeout,
         preupgrade_timeout,
         preflight_interval,
-    })
+        metrics_addr: metrics_addr.map(|(addr, _, _)| addr),
+        metrics_interval,
+    };
+    Ok((config, listener))
+}
+
+/// CVX_METRICS_ADDR: `host:port` with an explicit host (`127.0.0.1:9464` for this host only,
+/// `0.0.0.0:9464` for every interface), a name such as `localhost`, or empty for no metrics.
+fn metrics_addr(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let addr = match text.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            let Some((host, port)) = text.rsplit_once(':') else {
+                return Err("is not host:port (e.g. 127.0.0.1:9464)".into());
+            };
+            if host.is_empty() {
+                return Err(format!(
+                    "has no host: use 127.0.0.1:{port} for this host only, or 0.0.0.0:{port} for every interface"
+                ));
+            }
+            let port: u16 = port
+                .parse()
+                .map_err(|_| format!("has no valid port ({port:?} is not 1-65535)"))?;
+            (host, port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| format!("names a host that does not resolve ({host:?})"))?
+        }
+    };
+    if addr.port() == 0 {
+        return Err("has port 0: Prometheus needs a fixed port (e.g. 9464)".into());
+    }
+    Ok(Some(addr))
 }
 
 /// Whether `path` is `dir` or lies below it, by their components and, where both exist, by the
@@ -474,5 +559,62 @@ mod tests {
         assert_eq!(c.home, PathBuf::from("/from/env"));
         assert_eq!(c.poll_interval, Duration::from_millis(50));
         assert!(c.skip_backup);
+    }
+
+    #[test]
+    fn metrics_addresses() {
+        let ok = |text: &str| metrics_addr(text).unwrap().unwrap().to_string();
+        assert_eq!(ok("127.0.0.1:9464"), "127.0.0.1:9464");
+        assert_eq!(ok("[::1]:9464"), "[::1]:9464");
+        assert_eq!(ok("0.0.0.0:1"), "0.0.0.0:1");
+        assert!(
+            metrics_addr("localhost:9464")
+                .unwrap()
+                .unwrap()
+                .ip()
+                .is_loopback()
+        );
+        assert_eq!(metrics_addr("").unwrap(), None);
+        let err = |text: &str| metrics_addr(text).unwrap_err();
+        assert!(err("9464").contains("is not host:port"), "{}", err("9464"));
+        assert!(err(":9464").contains("use 127.0.0.1:9464 for this host only"));
+        assert!(err("127.0.0.1:http").contains("no valid port"));
+        assert!(err("127.0.0.1:70000").contains("no valid port"));
+        assert!(err("127.0.0.1:0").contains("port 0"));
+    }
+
+    #[test]
+    fn a_metrics_port_in_use_is_reported_with_the_other_problems() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap().to_string();
+        let vars = env(&[
+            ("DAEMON_HOME", "/h"),
+            ("DAEMON_POLL_INTERVAL", "soon"),
+            ("CVX_METRICS_ADDR", &addr),
+        ]);
+        // Not for `cvx run version`: only `start` serves, and only it may find the port taken.
+        load_and_listen(vars.clone(), None, false).unwrap_err();
+        let err = load_and_listen(vars, None, true).unwrap_err();
+        assert_eq!(err.problems.len(), 3, "{err}");
+        assert!(
+            err.problems[2].starts_with(&format!(
+                "CVX_METRICS_ADDR={addr:?}: cannot serve metrics there"
+            )) && err.problems[2].ends_with("pick a free one"),
+            "{err}"
+        );
+        drop(taken);
+        let (config, listener) = load_and_listen(
+            env(&[
+                ("DAEMON_HOME", "/h"),
+                ("DAEMON_NAME", "simd"),
+                ("CVX_METRICS_ADDR", &addr),
+            ]),
+            None,
+            true,
+        )
+        .unwrap();
+        assert_eq!(config.metrics_addr.unwrap().to_string(), addr);
+        assert_eq!(listener.unwrap().local_addr().unwrap().to_string(), addr);
+        assert_eq!(config.metrics_interval, Duration::from_secs(5));
     }
 }

@@ -12,6 +12,7 @@ pub mod child;
 pub mod config;
 pub mod history;
 pub mod logs;
+pub mod metrics;
 pub mod preflight;
 pub mod rollback;
 pub mod upgrade;
@@ -186,16 +187,21 @@ pub fn skip_heights(args: &[OsString]) -> Vec<u64> {
 /// supervisor on a single-threaded runtime (it waits on events; one thread keeps its memory small).
 pub fn main(args: Vec<OsString>) -> Result<u8, RunError> {
     let (config_file, args) = split_args(args);
-    let config = config::load(std::env::vars(), config_file.as_deref())?;
+    // Only `start` records facts and serves metrics; CVX_METRICS_ADDR is bound with the
+    // configuration, so a port in use is reported with the other problems.
+    let start = args.first().is_some_and(|a| a == "start");
+    let (config, listener) =
+        config::load_and_listen(std::env::vars(), config_file.as_deref(), start)?;
     logs::init(&config, false);
     let layout = Layout::new(&config.home);
-    if args.first().and_then(|a| a.to_str()) != Some("start") {
+    if !start {
         return Err(exec(&config, &layout, &args));
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(RunError::Setup)?;
+    metrics::start(&runtime, &config, listener).map_err(RunError::Setup)?;
     runtime.block_on(supervise(&config, &layout, &args))
 }
 
@@ -468,6 +474,7 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
     let mut upgraded = None;
     if let Some(plan) = detector.fired() {
         info!(upgrade = %plan.name, height = plan.height, "upgrade pending at start: switching before launch");
+        metrics::handle().upgrade_started(&plan.name, plan.height);
         let done = Detected::now(config, &plan, Kind::Governance)
             .perform(config, layout, &mut signals)
             .await?;
@@ -564,6 +571,7 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
             Outcome::Upgrade(plan, kind) => {
                 let detected = Detected::now(config, &plan, kind);
                 info!(upgrade = %plan.name, height = plan.height, "stopping the daemon");
+                metrics::handle().upgrade_started(&plan.name, plan.height);
                 let status = daemon.stop(config.shutdown_grace).await;
                 info!(upgrade = %plan.name, height = plan.height, "the daemon stopped ({status})");
                 let done = detected.perform(config, layout, &mut signals).await?;
@@ -692,6 +700,7 @@ impl Detected {
             }
         };
         self.entry.backup = backup;
+        metrics::handle().upgrade_finished(&result);
         let exit = match (result, interrupted) {
             (Err(e @ UpgradeError::Interrupted { .. }), Some(sig)) => {
                 warn!(upgrade = %plan.name, height = plan.height, "{e}");

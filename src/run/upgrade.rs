@@ -195,9 +195,11 @@ pub async fn perform(
         info!(upgrade = %name, height, "backup skipped (UNSAFE_SKIP_BACKUP)");
     } else if let Some(record) = backup::taken(layout, plan, config.recase) {
         info!(upgrade = %name, height, "data was already backed up for this upgrade to {}; not copying again", record.path.display());
+        super::metrics::handle().backup_finished(record.bytes_copied);
         *backup = Some(record.path);
     } else {
         info!(upgrade = %name, height, "backing up data to {}", config.backup_dir.display());
+        super::metrics::handle().backup_started();
         let from_stage = tree::current_stage(layout);
         let (home, backup_dir, layout2, plan2, recase, flag) = (
             config.home.clone(),
@@ -237,6 +239,7 @@ pub async fn perform(
             record.files_copied,
             record.bytes_copied
         );
+        super::metrics::handle().backup_finished(record.bytes_copied);
         *backup = Some(record.path);
     }
 

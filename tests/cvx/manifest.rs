@@ -369,6 +369,7 @@ fn committed_schemas_are_current() {
     for (which, file) in [
         ("manifest", "manifest.schema.json"),
         ("plan", "plan.schema.json"),
+        ("status", "status.schema.json"),
     ] {
         let ctx = Ctx::new();
         let (generated, _) = run(ctx.cvx().args(["schema", which]), 0);

@@ -19,22 +19,22 @@ use serde_json::{Value, json};
 use crate::ctx::{Ctx, platform, sha256};
 use crate::support::server::{Fault, Server};
 
-const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
-const CVX: &str = env!("CARGO_BIN_EXE_cvx");
-const DAEMON: &str = "simd";
+pub(crate) const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
+pub(crate) const CVX: &str = env!("CARGO_BIN_EXE_cvx");
+pub(crate) const DAEMON: &str = "simd";
 /// Upper bound for anything a test waits for; the runs themselves take well under a second.
-const LIMIT: Duration = Duration::from_secs(10);
+pub(crate) const LIMIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
 // The tree
 
 /// A wrapper script, staged as `<stage>/bin/simd`: shell lines `pre`, then
 /// `exec simnode --sim-block-time 10ms <sim> "$@"`.
-fn script(pre: &str, sim: &str) -> Vec<u8> {
+pub(crate) fn script(pre: &str, sim: &str) -> Vec<u8> {
     format!("#!/bin/sh\n{pre}exec {SIMNODE} --sim-block-time 10ms {sim} \"$@\"\n").into_bytes()
 }
 
-fn wrapper(sim: &str) -> Vec<u8> {
+pub(crate) fn wrapper(sim: &str) -> Vec<u8> {
     script("", sim)
 }
 
@@ -43,35 +43,35 @@ fn executable(path: &Path) {
 }
 
 /// Stage `bytes` as `<stage>/bin/simd`, executable.
-fn stage_bin(ctx: &Ctx, stage: &str, bytes: &[u8]) -> PathBuf {
+pub(crate) fn stage_bin(ctx: &Ctx, stage: &str, bytes: &[u8]) -> PathBuf {
     let path = ctx.stage(&format!("{stage}/bin/{DAEMON}"), bytes);
     executable(&path);
     path
 }
 
 /// A genesis binary and `current -> genesis`, as `cvx apply` leaves the tree.
-fn genesis(ctx: &Ctx, sim: &str) {
+pub(crate) fn genesis(ctx: &Ctx, sim: &str) {
     stage_bin(ctx, "genesis", &wrapper(sim));
     std::os::unix::fs::symlink("genesis", ctx.cosmovisor("current")).unwrap();
 }
 
-fn current(ctx: &Ctx) -> String {
+pub(crate) fn current(ctx: &Ctx) -> String {
     fs::read_link(ctx.cosmovisor("current"))
         .unwrap()
         .to_string_lossy()
         .into_owned()
 }
 
-fn read(path: &Path) -> String {
+pub(crate) fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
 
-fn height(ctx: &Ctx) -> Option<u64> {
+pub(crate) fn height(ctx: &Ctx) -> Option<u64> {
     read(&ctx.home.join("data/height")).trim().parse().ok()
 }
 
 /// Upgrades the node ran the migration for, in order.
-fn applied(ctx: &Ctx) -> Vec<String> {
+pub(crate) fn applied(ctx: &Ctx) -> Vec<String> {
     read(&ctx.home.join("data/applied"))
         .lines()
         .map(String::from)
@@ -85,7 +85,7 @@ fn pre_upgrade_count(ctx: &Ctx) -> u64 {
         .unwrap_or(0)
 }
 
-fn json(path: &Path) -> Value {
+pub(crate) fn json(path: &Path) -> Value {
     serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .unwrap()
 }
@@ -128,7 +128,7 @@ fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
 // Processes
 
 /// Poll `cond` until it holds; fail after `limit`.
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(
@@ -167,14 +167,14 @@ fn processes_with(needle: &Path) -> Vec<(i32, Vec<String>)> {
     found
 }
 
-fn send(pid: i32, sig: Signal) {
+pub(crate) fn send(pid: i32, sig: Signal) {
     rustix::process::kill_process(Pid::from_raw(pid).unwrap(), sig)
         .unwrap_or_else(|e| panic!("cannot send {sig:?} to {pid}: {e}"));
 }
 
 /// Kills, when dropped, every process still running with the home in its command line (cvx is
 /// run as `cvx run start --home <home>`, and passes those args to the node).
-struct Reaper(PathBuf);
+pub(crate) struct Reaper(pub(crate) PathBuf);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -187,7 +187,7 @@ impl Drop for Reaper {
 /// `cvx run start --home <home> <extra>` with a clean environment (as `Ctx::cvx`) plus
 /// DAEMON_HOME, DAEMON_NAME=simd, DAEMON_POLL_INTERVAL=50ms, UNSAFE_SKIP_BACKUP=true, then `env`
 /// (which may override them).
-fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Command {
+pub(crate) fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Command {
     let mut cmd = Command::new(CVX);
     cmd.current_dir(ctx.dir.path());
     for (key, _) in std::env::vars_os() {
@@ -211,15 +211,15 @@ fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Command {
 }
 
 /// A running cvx whose stdout (the node's logs) and stderr (cvx's) go to files.
-struct Running {
-    child: Child,
+pub(crate) struct Running {
+    pub(crate) child: Child,
     stdout: PathBuf,
     stderr: PathBuf,
 }
 
 static RUNS: AtomicUsize = AtomicUsize::new(0);
 
-fn spawn(ctx: &Ctx, mut cmd: Command) -> Running {
+pub(crate) fn spawn(ctx: &Ctx, mut cmd: Command) -> Running {
     let n = RUNS.fetch_add(1, Ordering::SeqCst);
     let stdout = ctx.path(&format!("run-{n}.stdout"));
     let stderr = ctx.path(&format!("run-{n}.stderr"));
@@ -237,19 +237,19 @@ fn spawn(ctx: &Ctx, mut cmd: Command) -> Running {
 }
 
 impl Running {
-    fn pid(&self) -> i32 {
+    pub(crate) fn pid(&self) -> i32 {
         self.child.id() as i32
     }
 
-    fn stderr(&self) -> String {
+    pub(crate) fn stderr(&self) -> String {
         read(&self.stderr)
     }
 
-    fn stdout(&self) -> String {
+    pub(crate) fn stdout(&self) -> String {
         read(&self.stdout)
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         format!(
             "--- stdout (the node)\n{}\n--- stderr (cvx)\n{}",
             self.stdout(),
@@ -258,7 +258,7 @@ impl Running {
     }
 
     /// Wait for cvx to exit (within LIMIT), expecting `code`; returns (stdout, stderr).
-    fn finish(mut self, code: i32) -> (String, String) {
+    pub(crate) fn finish(mut self, code: i32) -> (String, String) {
         let status = self.exit();
         assert_eq!(
             status.code(),
@@ -269,7 +269,7 @@ impl Running {
         (self.stdout(), self.stderr())
     }
 
-    fn exit(&mut self) -> ExitStatus {
+    pub(crate) fn exit(&mut self) -> ExitStatus {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -286,7 +286,12 @@ impl Running {
 }
 
 /// Run cvx to completion, expecting `code`.
-fn run_cvx(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str], code: i32) -> (String, String) {
+pub(crate) fn run_cvx(
+    ctx: &Ctx,
+    env: &[(&str, &str)],
+    extra: &[&str],
+    code: i32,
+) -> (String, String) {
     spawn(ctx, command(ctx, env, extra)).finish(code)
 }
 
@@ -1109,7 +1114,7 @@ fn configuration_errors_are_reported_together_and_nothing_starts() {
     assert!(!ctx.home.join("data").exists());
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -1117,7 +1122,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn rpc_config(ctx: &Ctx) {
+pub(crate) fn rpc_config(ctx: &Ctx) {
     fs::create_dir_all(ctx.home.join("config")).unwrap();
     let port = free_port();
     fs::write(
