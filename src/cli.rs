@@ -711,7 +711,10 @@ fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
     let plan = compute_plan(&loaded, home.clone(), None, false)?;
-    let node = runtime()?.block_on(crate::status::node(home.as_deref()));
+    let node = runtime()?.block_on(crate::status::node(
+        home.as_deref(),
+        &loaded.manifest.chain.id,
+    ));
     let mut status = crate::status::status(&plan, node);
     status.supervisor = home
         .as_deref()

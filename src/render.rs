@@ -68,9 +68,9 @@ pub fn backups_human(backups: &[crate::run::rollback::Listed], c: Colors) -> Str
             r.took(),
             r.path.display(),
             r.files_linked,
-            bytes(r.bytes_linked),
+            human_size(r.bytes_linked),
             r.files_copied,
-            bytes(r.bytes_copied),
+            human_size(r.bytes_copied),
             r.from_stage,
         );
         if let Some(changed) = &b.changed {
@@ -169,21 +169,6 @@ pub fn rollback_human(r: &crate::run::rollback::Rollback, c: Colors) -> String {
         r.height
     );
     out
-}
-
-/// Bytes for people: 1.5 GiB, 12.0 MiB, 512 B.
-fn bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", UNITS[unit])
 }
 
 /// One JSON document, pretty-printed, newline-terminated.
@@ -548,7 +533,13 @@ pub fn status_human(status: &crate::status::Status, c: Colors) -> String {
             } else {
                 c.yellow(&next.reason)
             };
-            format!("upgrade {}{at}{version}: {ready}", next.name)
+            let scheduled = match (next.trigger, next.height) {
+                (crate::manifest::Trigger::HaltHeight, Some(h)) => {
+                    format!(", scheduled: cvx run halts the node at {h}")
+                }
+                _ => String::new(),
+            };
+            format!("upgrade {}{at}{version}{scheduled}: {ready}", next.name)
         }
         None => "none in the manifest".into(),
     };
@@ -635,6 +626,9 @@ fn supervisor_human(supervisor: Option<&crate::status::Supervisor>, c: Colors) -
             b.seconds,
             human_size(b.bytes_copied)
         );
+    }
+    for w in &s.warnings {
+        let _ = write!(line, "\n  {} {}", c.yellow("warning:"), w.message);
     }
     line
 }

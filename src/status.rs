@@ -55,6 +55,8 @@ pub struct Next {
     /// (metric `cvx_upgrade_next_height`)
     pub height: Option<u64>,
     pub version: Option<String>,
+    /// What halts the node for it: `governance`, or `halt-height` (cvx run halts it there).
+    pub trigger: crate::manifest::Trigger,
     /// Its binary (and libraries) for this platform are staged and verified against the
     /// manifest's pins (metric `cvx_upgrade_next_ready`).
     pub binary_ready: bool,
@@ -97,6 +99,10 @@ pub struct Supervisor {
     pub upgrades: UpgradeCounts,
     pub last_upgrade: Option<LastUpgrade>,
     pub last_backup: Option<LastBackup>,
+    /// Problems that will bite at the next upgrade, from its last preflight check (metric
+    /// `cvx_preflight_warning`).
+    #[serde(default)]
+    pub warnings: Vec<crate::run::preflight::Warning>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -216,6 +222,7 @@ pub fn status(plan: &Plan, mut node: Node) -> Status {
             dir: s.dir.clone(),
             height: s.height,
             version: s.version.clone(),
+            trigger: s.trigger.unwrap_or_default(),
             binary_ready,
             reason: match binary {
                 _ if binary_ready => "staged and verified".into(),
@@ -246,7 +253,7 @@ pub fn status(plan: &Plan, mut node: Node) -> Status {
 }
 
 /// Ask the node's RPC (`[rpc] laddr` of `config/config.toml`) for its height and block time.
-pub async fn node(home: Option<&Path>) -> Node {
+pub async fn node(home: Option<&Path>, chain_id: &str) -> Node {
     let Some(rpc) = home.and_then(crate::run::watch::rpc_address) else {
         return Node {
             reason: "unknown: no [rpc] laddr in config/config.toml".into(),
@@ -264,6 +271,14 @@ pub async fn node(home: Option<&Path>) -> Node {
     let Some(status) = get("/status".into()).await else {
         return unknown(format!("the node's RPC at {rpc} does not answer"));
     };
+    let network = status["result"]["node_info"]["network"]
+        .as_str()
+        .unwrap_or_default();
+    if network != chain_id {
+        return unknown(format!(
+            "the node's RPC at {rpc} reports chain id {network:?}, not the manifest's {chain_id:?}: not trusted (check [rpc] laddr in config/config.toml)"
+        ));
+    }
     let sync = &status["result"]["sync_info"];
     let height = sync["latest_block_height"]
         .as_str()

@@ -130,6 +130,12 @@ pub const BACKUP_BYTES: Metric = gauge(
     "Bytes the last backup of data/ copied",
 );
 
+pub const PREFLIGHT: Metric = gauge(
+    "cvx_preflight_warning",
+    &["check"],
+    "1 for each preflight check that warns now of a problem at the next upgrade (check = backup_dir, backup_room, next_binary or shutdown_grace)",
+);
+
 /// Every metric cvx exports, in the order of the exposition.
 pub const ALL: &[&Metric] = &[
     &INFO,
@@ -146,6 +152,7 @@ pub const ALL: &[&Metric] = &[
     &LAST_DOWNTIME,
     &BACKUP_SECONDS,
     &BACKUP_BYTES,
+    &PREFLIGHT,
 ];
 
 /// A cheap handle on the supervisor's facts; a disabled one ignores every event.
@@ -251,6 +258,7 @@ impl Metrics {
                 upgrades: previous.upgrades,
                 last_upgrade: previous.last_upgrade,
                 last_backup: previous.last_backup,
+                warnings: Vec::new(),
             },
         };
         let shared = Arc::new(Shared {
@@ -310,6 +318,11 @@ impl Metrics {
         if let Some(shared) = &self.0 {
             shared.refresh.notify_one();
         }
+    }
+
+    /// The preflight warnings in force now (DESIGN §5.4).
+    pub fn preflight(&self, warnings: &[super::preflight::Warning]) {
+        self.update(|s| s.record.facts.warnings = warnings.to_vec());
     }
 
     /// The daemon exited (by itself, after a signal, or stopped for an upgrade).
@@ -434,7 +447,7 @@ impl Collector for Exposition {
         let next = view.next.as_ref();
         let last = facts.last_upgrade.as_ref();
         let backup = facts.last_backup.as_ref();
-        let samples: [(&Metric, Vec<Sample>); 14] = [
+        let samples: [(&Metric, Vec<Sample>); 15] = [
             (
                 &INFO,
                 vec![(
@@ -498,6 +511,14 @@ impl Collector for Exposition {
                 backup
                     .map(|b| one(b.bytes_copied as f64))
                     .unwrap_or_default(),
+            ),
+            (
+                &PREFLIGHT,
+                facts
+                    .warnings
+                    .iter()
+                    .map(|w| (vec![w.check.as_str()], 1.0))
+                    .collect(),
             ),
         ];
         for (metric, samples) in samples {

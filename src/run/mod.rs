@@ -247,6 +247,7 @@ impl Preflight {
         {
             info!("preflight: resolved: {}", gone.message);
         }
+        metrics::handle().preflight(&now);
         self.warnings = now;
     }
 }

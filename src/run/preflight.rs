@@ -13,7 +13,7 @@ use super::config::Config;
 use crate::tree::{self, Layout};
 
 /// One problem that will bite at the next upgrade.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Warning {
     /// What is checked: `backup_dir`, `backup_room`, `next_binary`, `shutdown_grace`.
     pub check: String,

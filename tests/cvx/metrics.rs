@@ -27,7 +27,7 @@ const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A version's wrapper, its node answering RPC at config.toml's `[rpc] laddr`.
 fn node(sim: &str) -> Vec<u8> {
-    wrapper(&format!("--sim-rpc {sim}"))
+    wrapper(&format!("--sim-rpc --sim-chain-id sim-1 {sim}"))
 }
 
 /// A manifest pinning each stage's bytes (genesis first), each served from a file of its own.
@@ -557,7 +557,7 @@ fn a_failed_upgrade_is_reported_by_the_next_cvx() {
     // Without CVX_MANIFEST: no next upgrade to judge; the chain id is the node's.
     assert_eq!(
         s.value(&format!(
-            r#"cvx_info{{version="{VERSION}",chain_id="simnet",daemon="simd",current="genesis"}}"#
+            r#"cvx_info{{version="{VERSION}",chain_id="sim-1",daemon="simd",current="genesis"}}"#
         )),
         Some(1.0),
         "{}",

@@ -29,7 +29,7 @@ impl Drop for Node {
 }
 
 /// A simulated node making a block every 20 ms, answering RPC on a free loopback port.
-fn start_node(ctx: &Ctx) -> Node {
+fn start_node(ctx: &Ctx, chain_id: &str) -> Node {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -42,7 +42,14 @@ fn start_node(ctx: &Ctx) -> Node {
     )
     .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_simnode"))
-        .args(["--sim-block-time", "20ms", "--sim-rpc", "start", "--home"])
+        .args([
+            "--sim-block-time",
+            "20ms",
+            "--sim-rpc",
+            "--sim-chain-id",
+            chain_id,
+        ])
+        .args(["start", "--home"])
         .arg(&ctx.home)
         .stdout(Stdio::null())
         .spawn()
@@ -90,7 +97,7 @@ fn status_reads_height_and_block_time_from_the_node() {
     ctx.stage("genesis/bin/simd", GENESIS);
     ctx.stage("upgrades/v2/bin/simd", V2);
     std::os::unix::fs::symlink("genesis", ctx.cosmovisor("current")).unwrap();
-    let _node = start_node(&ctx);
+    let _node = start_node(&ctx, "t-1");
     // Wait until the node has made enough blocks for a block time over several of them.
     let deadline = Instant::now() + Duration::from_secs(10);
     let s = loop {
@@ -114,4 +121,35 @@ fn status_reads_height_and_block_time_from_the_node() {
     assert!((15..=60).contains(&ms), "20 ms blocks measured as {ms} ms");
     let eta = s["node"]["eta_seconds"].as_u64().unwrap();
     assert_eq!(eta, (5000 - height) * ms / 1000);
+}
+
+#[test]
+fn status_does_not_trust_the_rpc_of_another_chain() {
+    let ctx = Ctx::new();
+    manifest(&ctx);
+    ctx.stage("genesis/bin/simd", GENESIS);
+    std::os::unix::fs::symlink("genesis", ctx.cosmovisor("current")).unwrap();
+    let _node = start_node(&ctx, "other-1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = status(&ctx);
+        if s["node"]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("chain id")
+        {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "{s:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(s["node"]["answering"], false);
+    assert_eq!(s["node"]["height"], serde_json::Value::Null);
+    assert!(
+        s["node"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("reports chain id \"other-1\", not the manifest's \"t-1\""),
+        "{s:#}"
+    );
 }
