@@ -109,35 +109,59 @@ impl Slot<'_> {
             .map(str::to_string)
     }
 
-    /// Set `sha256`, keeping the value's place and spacing, and drop the TODO comment about it.
+    /// Set `sha256` as a person would write it: an existing value keeps its place and spacing; a
+    /// new one goes right after `url`, an inline table then spaced as `{ url = "...", sha256 =
+    /// "..." }`. The TODO comment about the missing pin goes, the line's end stays.
     fn set_sha256(&mut self, sha256: &str) {
         match self.table_mut().get_mut("sha256") {
             Some(Item::Value(value)) => {
                 let mut decor = value.decor().clone();
-                if decor
-                    .suffix()
-                    .and_then(|s| s.as_str())
-                    .is_some_and(is_pin_todo)
-                {
-                    decor.set_suffix("");
-                }
+                drop_pin_todo(&mut decor);
                 *value = Value::from(sha256);
                 *value.decor_mut() = decor;
             }
-            _ => {
-                self.table_mut().insert("sha256", toml_edit::value(sha256));
-            }
+            _ => match self {
+                Slot::Inline(t) => {
+                    t.insert("sha256", Value::from(sha256));
+                    t.sort_values_by(|a, _, b, _| key_rank(a).cmp(&key_rank(b)));
+                    t.fmt();
+                }
+                Slot::Table(t) => {
+                    t.insert("sha256", toml_edit::value(sha256));
+                    t.sort_values_by(|a, _, b, _| key_rank(a).cmp(&key_rank(b)));
+                }
+            },
         }
         if let Slot::Inline(t) = self {
-            let decor = t.decor_mut();
-            if decor
-                .suffix()
-                .and_then(|s| s.as_str())
-                .is_some_and(is_pin_todo)
-            {
-                decor.set_suffix("");
-            }
+            drop_pin_todo(t.decor_mut());
         }
+    }
+}
+
+/// Where a key of an artifact goes, as the manifest's documentation orders them.
+fn key_rank(key: &str) -> usize {
+    ["url", "sha256", "path", "name"]
+        .iter()
+        .position(|k| *k == key)
+        .unwrap_or(usize::MAX)
+}
+
+/// Remove the TODO comment about the missing pin from a value's trailing decor, keeping what
+/// follows it (the line's end).
+fn drop_pin_todo(decor: &mut toml_edit::Decor) {
+    let Some(suffix) = decor.suffix().and_then(|s| s.as_str()) else {
+        return;
+    };
+    let (comment, rest) = suffix
+        .split_once('\n')
+        .map_or((suffix, ""), |(c, r)| (c, r));
+    if is_pin_todo(comment) {
+        let rest = if suffix.contains('\n') {
+            format!("\n{rest}")
+        } else {
+            String::new()
+        };
+        decor.set_suffix(rest);
     }
 }
 
@@ -422,12 +446,10 @@ fn verify_report(
             continue;
         };
         for a in &urls[url] {
-            let pinned = a
-                .sha256
-                .as_deref()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase();
+            let pinned = crate::manifest::strip_sha256_prefix(
+                a.sha256.as_deref().unwrap_or_default().trim(),
+            )
+            .to_ascii_lowercase();
             if pinned == d.sha256 {
                 out.push_str(&format!("ok        {url} ({})\n", a.used_by));
             } else {
