@@ -673,7 +673,9 @@ fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
     let layout = Layout::new(&home);
     if args.check {
         let plan = compute_plan(&loaded, Some(home), None, args.verify)?;
-        return Ok(apply::check(&plan, args.force));
+        let mut report = apply::check(&plan, args.force);
+        locate_actions(&mut report, &loaded);
+        return Ok(report);
     }
     // Plan under the lock: what another apply staged meanwhile is seen, not redone.
     let _lock = apply::lock(&layout, args.lock_timeout, apply::Role::Apply)?;
@@ -698,7 +700,23 @@ fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
     let mut report = runtime()?.block_on(apply::execute(&plan, &layout, &options, reporter))?;
     // Will it run here: warnings, or with --strict a failure (src/runnable.rs).
     crate::runnable::after_apply(&mut report, &plan, &layout, args.strict);
+    locate_actions(&mut report, &loaded);
     Ok(report)
+}
+
+/// The manifest line of each action's artifact, so a failed download points at its pin.
+fn locate_actions(report: &mut apply::Report, loaded: &Loaded) {
+    // The text as validated; a file changed since only misplaces the lines.
+    let source = std::fs::read_to_string(&loaded.path).unwrap_or_default();
+    let file = loaded.path.display().to_string();
+    let manifest = render::github::Manifest::new(&file, &source);
+    for action in &mut report.actions {
+        action.line = action
+            .key
+            .as_ref()
+            .and_then(|k| manifest.locate(k))
+            .map(|(line, _)| line);
+    }
 }
 
 fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {

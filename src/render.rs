@@ -201,6 +201,7 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         let action = match stage.action {
             StageAction::Create => c.green("create"),
             StageAction::Replace => c.yellow("replace"),
+            StageAction::Adopt => c.green("adopt"),
             StageAction::Ok => c.dim("ok"),
             StageAction::Unmanaged => c.dim("unmanaged: on disk, not in the manifest; left alone"),
         };
@@ -216,10 +217,13 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
             let verb = match a.action {
                 ArtifactAction::Fetch => c.green("+ fetch  "),
                 ArtifactAction::Replace => c.yellow("~ replace"),
+                ArtifactAction::Adopt => c.green("= adopt  "),
                 ArtifactAction::Ok => c.dim("= ok     "),
             };
             let _ = writeln!(out, "  {verb} {rel:width$}  {}", a.reason);
-            if a.action != ArtifactAction::Ok {
+            if matches!(a.action, ArtifactAction::Fetch | ArtifactAction::Replace)
+                || a.state == crate::plan::ArtifactState::Unverified
+            {
                 let member = a
                     .member
                     .as_ref()
@@ -353,8 +357,11 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     let mut parts = vec![
         format!("{} to fetch", s.fetch),
         format!("{} to replace", s.replace),
-        format!("{} ok", s.ok),
     ];
+    if s.adopt > 0 {
+        parts.push(format!("{} to adopt", s.adopt));
+    }
+    parts.push(format!("{} ok", s.ok));
     if s.unmanaged > 0 {
         parts.push(format!("{} unmanaged", s.unmanaged));
     }
@@ -398,12 +405,35 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
                 } else {
                     format!(" ({detail})")
                 };
-                let verb = if a.action == "link" {
-                    "created"
-                } else {
-                    "staged "
+                let verb = match a.action {
+                    "link" => c.green("+ created "),
+                    "adopt" => c.green("= adopted "),
+                    "replace" => c.yellow("~ replaced"),
+                    _ => c.green("+ staged  "),
                 };
-                let _ = writeln!(out, "{} {what}{detail}", c.green(&format!("+ {verb}")));
+                let _ = writeln!(out, "{verb} {what}{detail}");
+                if a.action == "adopt" {
+                    let _ = writeln!(
+                        out,
+                        "    {}",
+                        c.dim("staged without a receipt and proven to be the pinned file: receipt written, nothing replaced")
+                    );
+                }
+                if let Some(r) = &a.replaced {
+                    let was = r
+                        .sha256
+                        .as_ref()
+                        .map(|sha| format!(" (sha256 {sha})"))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "    {}",
+                        c.dim(&format!(
+                            "{}; the file it replaced{was} is kept at {}",
+                            a.reason, r.kept_at
+                        ))
+                    );
+                }
             }
             Status::WouldChange => {
                 changed += 1;
@@ -416,7 +446,12 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
             }
             Status::Failed => {
                 failed += 1;
-                let _ = writeln!(out, "{} {what}", c.red("! failed "));
+                let pinned = match (&a.key, a.line) {
+                    (Some(key), Some(line)) => format!(" (manifest line {line}, {key})"),
+                    (Some(key), None) => format!(" ({key})"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(out, "{} {what}{pinned}", c.red("! failed   "));
                 for line in a.error.as_deref().unwrap_or("unknown error").lines() {
                     let _ = writeln!(out, "    {line}");
                 }
@@ -590,7 +625,7 @@ pub mod github {
         }
 
         /// 1-based line and column of `key`, or of the deepest part of it that is written.
-        fn locate(&self, key: &ManifestKey) -> Option<(usize, usize)> {
+        pub fn locate(&self, key: &ManifestKey) -> Option<(usize, usize)> {
             let root = self.root.as_ref()?;
             let mut found: Option<Range<usize>> = None;
             let mut value: Option<&Spanned<DeValue<'s>>> = None;

@@ -48,6 +48,14 @@ impl Layout {
     pub fn upgrade_info(&self) -> PathBuf {
         self.home.join("data").join("upgrade-info.json")
     }
+    /// Files kept aside when replaced: `.cvx/replaced/<stage>/bin/<name>.<time>`.
+    pub fn replaced(&self) -> PathBuf {
+        self.cvx().join("replaced")
+    }
+    /// Whom what cvx creates here belongs to, when cvx runs as root on another user's home.
+    pub fn owner(&self) -> Option<crate::owner::Owner> {
+        crate::owner::Owner::of_home(&self.home)
+    }
 }
 
 /// The tree-relative directory of a stage: `genesis` or `upgrades/<dir>`.
@@ -509,7 +517,7 @@ mod tests {
             member: None,
             identity: FileIdentity::of(&meta),
         };
-        receipt::write(&layout.receipts(), &receipt).unwrap();
+        receipt::write(&layout.receipts(), &receipt, None).unwrap();
         let options = InspectOptions {
             verify: false,
             managed: [GENESIS.to_string()].into(),

@@ -241,6 +241,11 @@ fn walk(root: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Regular files under `root`, sorted.
+fn files(root: &Path) -> Vec<PathBuf> {
+    walk(root).into_iter().filter(|p| p.is_file()).collect()
+}
+
 /// Files in `.cvx/partial` (downloads in progress or left by a failure).
 fn partials(ctx: &Ctx) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(ctx.cosmovisor(".cvx/partial"))
@@ -339,6 +344,8 @@ fn fresh_apply_stages_everything_and_a_second_run_changes_nothing() {
         &json!({
             "action": "fetch",
             "destination": "genesis/bin/simd",
+            "key": format!("genesis.binary.\"{}\"", platform()),
+            "line": 6,
             "url": server.url("/v1/simd"),
             "sha256": sha256(GENESIS),
             "status": "changed",
@@ -617,10 +624,22 @@ fn wrong_bytes_and_404_fail_while_the_rest_is_staged() {
         &BTreeMap::from([("genesis/bin/simd", sha256(GENESIS))]),
     );
 
+    // The failure points at the artifact's line in the manifest.
     let (human, _) = run(ctx.cvx().arg("apply").arg("--home").arg(&ctx.home), 1);
     assert!(
-        human.contains("! failed  upgrades/v2/bin/simd\n    checksum mismatch for"),
+        human.contains(&format!(
+            "! failed    upgrades/v2/bin/simd (manifest line 10, upgrade[0].binary.\"{}\")\n    checksum mismatch for",
+            platform()
+        )),
         "{human}"
+    );
+    let v2 = action(&report, "upgrades/v2/bin/simd");
+    assert_eq!(
+        (&v2["line"], &v2["key"]),
+        (
+            &json!(10),
+            &json!(format!("upgrade[0].binary.\"{}\"", platform()))
+        )
     );
     assert!(
         human.ends_with("Apply: 0 changed, 1 unchanged, 2 failed: failed.\n"),
@@ -902,9 +921,9 @@ fn a_tampered_file_is_replaced_and_kept_aside() {
     assert_eq!(
         v2["artifacts"][0]["reason"],
         format!(
-            "modified since staged: sha256 {}…, staged as {}…",
-            &sha256(tampered)[..12],
-            &sha256(V2)[..12]
+            "modified since staged: sha256 {}, staged as {}",
+            sha256(tampered),
+            sha256(V2)
         )
     );
 
@@ -921,17 +940,21 @@ fn a_tampered_file_is_replaced_and_kept_aside() {
         V2
     );
     assert_eq!(mode(&ctx.cosmovisor("upgrades/v2/bin/simd")), 0o755);
-    let aside = walk(&ctx.cosmovisor(".cvx/replaced"));
+    // Kept under the stage it came from, named by when it was replaced; the report says where.
+    let aside = files(&ctx.cosmovisor(".cvx/replaced"));
     assert_eq!(aside.len(), 1, "{aside:?}");
+    let kept = aside[0].strip_prefix(ctx.cosmovisor("")).unwrap();
     assert!(
-        aside[0]
-            .file_name()
+        kept.to_str()
             .unwrap()
-            .to_str()
-            .unwrap()
-            .starts_with("simd.")
+            .starts_with(".cvx/replaced/upgrades/v2/bin/simd."),
+        "{kept:?}"
     );
     assert_eq!(fs::read(&aside[0]).unwrap(), tampered);
+    assert_eq!(
+        a["replaced"],
+        json!({"sha256": sha256(tampered), "kept_at": kept.to_str().unwrap()})
+    );
     assert_eq!(hits(&server), vec![1, 2, 1]);
     let (report, _) = apply(&ctx, &[], 0);
     assert_eq!(report["changed"], false);
@@ -981,7 +1004,7 @@ fn the_current_stage_is_replaced_only_with_force() {
         (&json!("replace"), &json!("changed"))
     );
     assert_eq!(fs::read(&genesis).unwrap(), GENESIS);
-    let aside = walk(&ctx.cosmovisor(".cvx/replaced"));
+    let aside = files(&ctx.cosmovisor(".cvx/replaced/genesis/bin"));
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(fs::read(&aside[0]).unwrap(), tampered);
     assert_eq!(
@@ -1011,9 +1034,9 @@ fn a_pin_change_replaces_the_staged_file() {
     assert_eq!(
         a["reason"],
         format!(
-            "pin changed: staged from sha256 {}…, pinned {}…",
-            &sha256(V2)[..12],
-            &sha256(v2_1)[..12]
+            "pin changed: staged from sha256 {}, pinned {}",
+            sha256(V2),
+            sha256(v2_1)
         )
     );
     assert_eq!(a["url"], server.url("/v2.0.1/simd"));
@@ -1021,7 +1044,7 @@ fn a_pin_change_replaces_the_staged_file() {
         fs::read(ctx.cosmovisor("upgrades/v2/bin/simd")).unwrap(),
         v2_1
     );
-    let aside = walk(&ctx.cosmovisor(".cvx/replaced"));
+    let aside = files(&ctx.cosmovisor(".cvx/replaced/upgrades/v2/bin"));
     assert_eq!(aside.len(), 1, "{aside:?}");
     assert_eq!(fs::read(&aside[0]).unwrap(), V2);
     assert_eq!(
