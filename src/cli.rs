@@ -47,10 +47,15 @@ pub enum Command {
     Plan(PlanArgs),
     /// Download, verify and atomically stage every binary the plan needs.
     Apply(ApplyArgs),
+    /// Remove stages the manifest no longer names (never `current`'s) and old replaced files.
+    Prune(PruneArgs),
     /// Where the node stands: current upgrade, the next one and its readiness, height and ETA.
     Status(StatusArgs),
     /// Supervise the node as `cosmovisor run` does: every argument goes to the daemon.
-    #[command(disable_help_flag = true)]
+    #[command(
+        disable_help_flag = true,
+        after_help = crate::run::config::variables_help()
+    )]
     Run(RunArgs),
     /// The backups of data/ that cvx run took before each upgrade.
     Backup {
@@ -100,6 +105,12 @@ pub struct HomeArgs {
     /// Print one JSON document on stdout instead of the human rendering.
     #[arg(long)]
     pub json: bool,
+    /// More logs on stderr (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +238,18 @@ pub struct ApplyArgs {
     pub strict: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Show what would be removed, and remove nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// How long to wait for an apply or a switch on the same tree to finish (Go syntax: 30s, 5m).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub lock_timeout: std::time::Duration,
+}
+
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     crate::duration::parse(text)
 }
@@ -249,18 +272,22 @@ pub enum SchemaKind {
 impl Command {
     /// The log verbosity asked for: -1 quiet, 0 default, 1+ verbose.
     pub fn verbosity(&self) -> i8 {
-        match self {
+        let (quiet, verbose) = match self {
             Command::Plan(PlanArgs { common, .. })
             | Command::Apply(ApplyArgs { common, .. })
-            | Command::Status(StatusArgs { common }) => {
-                if common.quiet {
-                    -1
-                } else {
-                    common.verbose as i8
-                }
+            | Command::Prune(PruneArgs { common, .. })
+            | Command::Status(StatusArgs { common }) => (common.quiet, common.verbose),
+            Command::Backup {
+                command: BackupCommand::List(home),
             }
-            _ => 0,
-        }
+            | Command::Rollback(RollbackArgs { home, .. }) => (home.quiet, home.verbose),
+            Command::Pin(args) => (args.quiet, args.verbose),
+            Command::Import {
+                source: crate::import::ImportCommand::ChainRegistry(args),
+            } => (args.quiet, args.verbose),
+            _ => (false, 0),
+        };
+        if quiet { -1 } else { verbose as i8 }
     }
 }
 
@@ -404,6 +431,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Plan(args) => run_plan(args),
         Command::Apply(args) => run_apply(args),
+        Command::Prune(args) => run_prune(args),
         Command::Status(args) => run_status(args),
         Command::Backup {
             command: BackupCommand::List(args),
@@ -717,6 +745,28 @@ fn locate_actions(report: &mut apply::Report, loaded: &Loaded) {
             .and_then(|k| manifest.locate(k))
             .map(|(line, _)| line);
     }
+}
+
+/// `cvx prune [--check]`: see [`crate::apply::prune`].
+fn run_prune(args: PruneArgs) -> Result<ExitCode, Error> {
+    let loaded = manifest::load(&args.common.manifest)?;
+    let home = home(&args.common, &loaded).ok_or(ApplyError::NoHome)?;
+    let layout = Layout::new(&home);
+    let recase = !env_bool("COSMOVISOR_DISABLE_RECASE")?;
+    let managed = plan::managed_dirs(&loaded.manifest, recase);
+    let _lock = if args.check {
+        None
+    } else {
+        Some(apply::lock(&layout, args.lock_timeout, apply::Role::Prune)?)
+    };
+    let pruned =
+        apply::prune::prune(&layout, &managed, recase, args.check).map_err(ApplyError::from)?;
+    if args.common.json {
+        print!("{}", render::json(&pruned));
+    } else {
+        print!("{}", render::prune_human(&pruned, Colors::for_stdout()));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {

@@ -39,6 +39,12 @@ pub struct PinArgs {
     /// Refuse artifacts larger than this many MiB.
     #[arg(long, default_value_t = 4096, value_name = "MIB")]
     pub max_size: u64,
+    /// More logs on stderr (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr: no notes, no warnings, no list of what was pinned.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -298,7 +304,7 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
             .or_default()
             .push(a);
     }
-    if targets.is_empty() {
+    if targets.is_empty() && !args.quiet {
         if args.verify {
             eprintln!(
                 "{}: no artifact is pinned; nothing to verify",
@@ -346,7 +352,7 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
     }
 
     if args.verify {
-        return verify_report(&all, &urls, &digests, failed);
+        return verify_report(&all, &urls, &digests, failed, args.quiet);
     }
     if failed > 0 {
         return Err(PinError::Downloads {
@@ -380,11 +386,28 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
     let new_text = doc.to_string();
     write_in_place(path, &text, &new_text)?;
 
+    if !args.quiet {
+        report_pins(path, &found, &urls, filled);
+    }
+    match invalid(path, &new_text) {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// What was pinned, from where, for whom: the operator compares these with the release's own
+/// checksums.
+fn report_pins(
+    path: &Path,
+    found: &BTreeMap<&str, &fetch::Digest>,
+    urls: &BTreeMap<String, Vec<&Artifact>>,
+    filled: usize,
+) {
     eprintln!(
         "trust on first use: each sha256 below is what its URL served just now, not a checksum \
          anyone published; compare it with the release's own checksums before relying on it."
     );
-    for (url, d) in &found {
+    for (url, d) in found {
         let uses: Vec<&str> = urls[*url].iter().map(|a| a.used_by.as_str()).collect();
         eprintln!(
             "  pinned {} {url} ({} bytes; {})",
@@ -398,10 +421,6 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
         path.display(),
         if filled == 1 { "" } else { "s" }
     );
-    match invalid(path, &new_text) {
-        Some(e) => Err(e),
-        None => Ok(ExitCode::SUCCESS),
-    }
 }
 
 /// The validation error for `text`, if it does not validate.
@@ -437,6 +456,7 @@ fn verify_report(
     urls: &BTreeMap<String, Vec<&Artifact>>,
     digests: &Digests,
     failed: usize,
+    quiet: bool,
 ) -> Result<ExitCode, Error> {
     let mut out = String::new();
     let mut mismatched = 0;
@@ -474,6 +494,14 @@ fn verify_report(
         .write_all(out.as_bytes())
         .and_then(|()| stdout.flush());
     let checked = digests.len();
+    let code = if mismatched > 0 || failed > 0 || !unpinned.is_empty() {
+        crate::cli::exit::ERROR
+    } else {
+        crate::cli::exit::OK
+    };
+    if quiet {
+        return Ok(ExitCode::from(code));
+    }
     eprintln!(
         "verified {checked} URL{}: {mismatched} mismatch{}, {failed} failed download{}, {} unpinned artifact{}",
         if checked == 1 { "" } else { "s" },
@@ -488,13 +516,7 @@ fn verify_report(
              find out which before staging it (the manifest was not changed)"
         );
     }
-    Ok(ExitCode::from(
-        if mismatched > 0 || failed > 0 || !unpinned.is_empty() {
-            crate::cli::exit::ERROR
-        } else {
-            crate::cli::exit::OK
-        },
-    ))
+    Ok(ExitCode::from(code))
 }
 
 /// Replace `path` with `new_text` atomically, unless it no longer holds `old_text`; the file's

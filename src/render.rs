@@ -483,6 +483,44 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
     out
 }
 
+/// What `cvx prune` removed (or would remove), and the stages it kept on purpose.
+pub fn prune_human(p: &crate::apply::prune::Pruned, c: Colors) -> String {
+    let mut out = String::new();
+    let verb = if p.check {
+        c.yellow("- would remove")
+    } else {
+        c.green("- removed")
+    };
+    for r in &p.removed {
+        let _ = writeln!(
+            out,
+            "{verb} {}  {}",
+            r.path,
+            c.dim(&format!("{}, {}", r.reason, human_size(r.bytes)))
+        );
+    }
+    for k in &p.kept {
+        let _ = writeln!(out, "{} {}  {}", c.dim("= kept"), k.path, k.reason);
+    }
+    let done = if p.check { "to remove" } else { "removed" };
+    let verdict = if p.removed.is_empty() {
+        c.green("nothing to do")
+    } else if p.check {
+        c.yellow("changes pending")
+    } else {
+        c.green("changed")
+    };
+    let _ = writeln!(
+        out,
+        "{} {} {done} ({}), {} kept: {verdict}.",
+        c.bold("Prune:"),
+        p.removed.len(),
+        human_size(p.bytes),
+        p.kept.len()
+    );
+    out
+}
+
 fn human_size(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 30 => format!("{:.1} GiB", b as f64 / f64::from(1u32 << 30)),

@@ -4,6 +4,7 @@
 
 pub mod fetch;
 pub mod install;
+pub mod prune;
 pub mod unpack;
 
 use std::collections::BTreeMap;
@@ -155,6 +156,8 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     Client(#[from] FetchError),
+    #[error(transparent)]
+    Prune(#[from] prune::PruneError),
 }
 
 fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ApplyError {
