@@ -637,7 +637,19 @@ fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
             .map_err(ApplyError::from)?;
     }
     if let Some(node) = &args.node {
-        plan.drift = Some(runtime()?.block_on(crate::drift::check(&loaded.manifest, node))?);
+        let mut drift = runtime()?.block_on(crate::drift::check(&loaded.manifest, node))?;
+        // Each finding at its line of the manifest, as validation errors are shown.
+        let source = std::fs::read_to_string(&loaded.path).unwrap_or_default();
+        let file = loaded.path.display().to_string();
+        let manifest = render::github::Manifest::new(&file, &source);
+        for finding in &mut drift.findings {
+            finding.location = finding
+                .key
+                .as_ref()
+                .and_then(|k| manifest.locate(k))
+                .map(|(line, column)| format!("{file}:{line}:{column}"));
+        }
+        plan.drift = Some(drift);
     }
     if args.common.json {
         print!("{}", render::json(&plan));

@@ -299,17 +299,30 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     }
 
     if let Some(drift) = &plan.drift {
-        let scheduled = match &drift.current_plan {
-            Some(p) => format!("{} at height {}", p.name, p.height),
-            None => "no upgrade scheduled".into(),
-        };
-        let _ = writeln!(
-            out,
-            "\n{} {} at height {}, {scheduled}",
-            c.bold("chain:"),
-            drift.node,
-            drift.latest_height
-        );
+        match drift.latest_height {
+            Some(height) => {
+                let scheduled = match &drift.current_plan {
+                    Some(p) => format!("{} at height {}", p.name, p.height),
+                    None => "no upgrade scheduled".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "\n{} {} ({}) at height {height}, {scheduled}",
+                    c.bold("chain:"),
+                    drift.node,
+                    drift.chain_id
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "\n{} {} ({}): not this chain",
+                    c.bold("chain:"),
+                    drift.node,
+                    drift.chain_id
+                );
+            }
+        }
         if let Some(next) = &drift.next {
             let _ = writeln!(
                 out,
@@ -324,12 +337,24 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
                 c.green("no drift: the manifest agrees with the chain")
             );
         }
+        // Each finding as a compiler would show it: where the manifest says it, then what.
         for f in &drift.findings {
-            let label = match f.severity {
-                crate::drift::Severity::Error => c.red("drift:"),
-                crate::drift::Severity::Warning => c.yellow("stale:"),
+            let label = match (f.severity, drift.trusted) {
+                (crate::drift::Severity::Error, _) => c.red("error:"),
+                (crate::drift::Severity::Warning, true) => c.yellow("stale:"),
+                (crate::drift::Severity::Warning, false) => c.yellow("warning:"),
             };
-            let _ = writeln!(out, "  {label} {}: {}", f.upgrade, f.message);
+            let at = f
+                .location
+                .as_ref()
+                .map(|l| format!("{l}: "))
+                .unwrap_or_default();
+            let upgrade = if f.upgrade.is_empty() {
+                String::new()
+            } else {
+                format!("upgrade {}: ", f.upgrade)
+            };
+            let _ = writeln!(out, "  {label} {at}{upgrade}{}", f.message);
         }
     }
 
@@ -368,7 +393,31 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     if plan.current.action == LinkAction::Create {
         parts.push("current link to create".into());
     }
-    let verdict = if plan.has_changes() {
+    // The verdict agrees with the exit code: a failed remote check or drift that breaks the node
+    // fails the plan, whatever else it says.
+    let mut failures = Vec::new();
+    let remote_failed = plan.remote.iter().filter(|r| !r.ok).count();
+    if remote_failed > 0 {
+        failures.push(format!(
+            "{remote_failed} remote check{} failed",
+            plural(remote_failed)
+        ));
+    }
+    let drift_errors = plan.drift.as_ref().map_or(0, |d| {
+        d.findings
+            .iter()
+            .filter(|f| f.severity == crate::drift::Severity::Error)
+            .count()
+    });
+    if drift_errors > 0 {
+        failures.push(format!(
+            "{drift_errors} drift error{}",
+            plural(drift_errors)
+        ));
+    }
+    let verdict = if !failures.is_empty() {
+        c.red(&format!("failed ({})", failures.join(", ")))
+    } else if plan.has_changes() {
         c.yellow("changes pending")
     } else {
         c.green("nothing to do")
@@ -380,6 +429,10 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         parts.join(", ")
     );
     out
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// What apply did (or would do, with --check), one line per action that matters.
@@ -789,9 +842,12 @@ pub mod github {
         }
         if let Some(drift) = &plan.drift {
             for f in &drift.findings {
-                let (level, title) = match f.severity {
-                    Severity::Error => (Level::Error, "cvx plan --node: drift"),
-                    Severity::Warning => (Level::Warning, "cvx plan --node: stale"),
+                let (level, title) = match (f.severity, drift.trusted) {
+                    (Severity::Error, _) => (Level::Error, "cvx plan --node: drift"),
+                    (Severity::Warning, true) => (Level::Warning, "cvx plan --node: stale"),
+                    (Severity::Warning, false) => {
+                        (Level::Warning, "cvx plan --node: another chain")
+                    }
                 };
                 let at = f.key.as_ref().and_then(|k| manifest.locate(k));
                 command(
@@ -800,7 +856,11 @@ pub mod github {
                     file,
                     at,
                     title,
-                    &format!("upgrade {}: {}", f.upgrade, f.message),
+                    &if f.upgrade.is_empty() {
+                        f.message.clone()
+                    } else {
+                        format!("upgrade {}: {}", f.upgrade, f.message)
+                    },
                 );
             }
         }
