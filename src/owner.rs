@@ -35,6 +35,17 @@ impl Owner {
     }
 }
 
+impl Owner {
+    /// The owner of the file `meta` describes, for a file that replaces it, when cvx runs as root
+    /// (as anyone else the new file is theirs, which is the old one's owner or their own choice).
+    pub fn same_as(meta: &fs::Metadata) -> Option<Owner> {
+        rustix::process::geteuid().is_root().then(|| Owner {
+            uid: meta.uid(),
+            gid: meta.gid(),
+        })
+    }
+}
+
 /// Give `path` (a symlink itself, not its target) to `owner`, if there is one.
 pub fn give(owner: Option<Owner>, path: &Path) -> io::Result<()> {
     match owner {

@@ -520,7 +520,7 @@ fn verify_report(
 }
 
 /// Replace `path` with `new_text` atomically, unless it no longer holds `old_text`; the file's
-/// permissions are kept.
+/// permissions and owner are kept.
 fn write_in_place(path: &Path, old_text: &str, new_text: &str) -> Result<(), PinError> {
     let write = |source| PinError::Write {
         path: path.to_path_buf(),
@@ -530,13 +530,17 @@ fn write_in_place(path: &Path, old_text: &str, new_text: &str) -> Result<(), Pin
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let permissions = std::fs::metadata(path).map_err(write)?.permissions();
+    let meta = std::fs::metadata(path).map_err(write)?;
     let mut temp = tempfile::Builder::new()
         .prefix(".cvx-pin-")
         .tempfile_in(dir)
         .map_err(write)?;
     temp.write_all(new_text.as_bytes()).map_err(write)?;
-    temp.as_file().set_permissions(permissions).map_err(write)?;
+    temp.as_file()
+        .set_permissions(meta.permissions())
+        .map_err(write)?;
+    // Run as root (sudo) on someone's manifest, the file stays theirs.
+    crate::owner::give_file(crate::owner::Owner::same_as(&meta), temp.as_file()).map_err(write)?;
     temp.as_file().sync_all().map_err(write)?;
     // Someone edited the file while we downloaded: their edit wins, ours is not written.
     if std::fs::read_to_string(path).map_err(write)? != old_text {

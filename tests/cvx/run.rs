@@ -20,8 +20,8 @@ use crate::ctx::{Ctx, platform, sha256};
 use crate::support::server::{Fault, Server};
 
 const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
-const CVX: &str = env!("CARGO_BIN_EXE_cvx");
-const DAEMON: &str = "simd";
+pub(crate) const CVX: &str = env!("CARGO_BIN_EXE_cvx");
+pub(crate) const DAEMON: &str = "simd";
 /// Upper bound for anything a test waits for; the runs themselves take well under a second.
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -34,7 +34,7 @@ fn script(pre: &str, sim: &str) -> Vec<u8> {
     format!("#!/bin/sh\n{pre}exec {SIMNODE} --sim-block-time 10ms {sim} \"$@\"\n").into_bytes()
 }
 
-fn wrapper(sim: &str) -> Vec<u8> {
+pub(crate) fn wrapper(sim: &str) -> Vec<u8> {
     script("", sim)
 }
 
@@ -55,7 +55,7 @@ fn genesis(ctx: &Ctx, sim: &str) {
     std::os::unix::fs::symlink("genesis", ctx.cosmovisor("current")).unwrap();
 }
 
-fn current(ctx: &Ctx) -> String {
+pub(crate) fn current(ctx: &Ctx) -> String {
     fs::read_link(ctx.cosmovisor("current"))
         .unwrap()
         .to_string_lossy()
@@ -66,12 +66,12 @@ fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
 
-fn height(ctx: &Ctx) -> Option<u64> {
+pub(crate) fn height(ctx: &Ctx) -> Option<u64> {
     read(&ctx.home.join("data/height")).trim().parse().ok()
 }
 
 /// Upgrades the node ran the migration for, in order.
-fn applied(ctx: &Ctx) -> Vec<String> {
+pub(crate) fn applied(ctx: &Ctx) -> Vec<String> {
     read(&ctx.home.join("data/applied"))
         .lines()
         .map(String::from)
@@ -111,7 +111,7 @@ fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+pub(crate) fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
     use zip::write::SimpleFileOptions;
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let opts = SimpleFileOptions::default()
@@ -174,7 +174,7 @@ fn send(pid: i32, sig: Signal) {
 
 /// Kills, when dropped, every process still running with the home in its command line (cvx is
 /// run as `cvx run start --home <home>`, and passes those args to the node).
-struct Reaper(PathBuf);
+pub(crate) struct Reaper(pub(crate) PathBuf);
 
 impl Drop for Reaper {
     fn drop(&mut self) {
@@ -187,7 +187,7 @@ impl Drop for Reaper {
 /// `cvx run start --home <home> <extra>` with a clean environment (as `Ctx::cvx`) plus
 /// DAEMON_HOME, DAEMON_NAME=simd, DAEMON_POLL_INTERVAL=50ms, UNSAFE_SKIP_BACKUP=true, then `env`
 /// (which may override them).
-fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Command {
+pub(crate) fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Command {
     let mut cmd = Command::new(CVX);
     cmd.current_dir(ctx.dir.path());
     for (key, _) in std::env::vars_os() {
@@ -211,7 +211,7 @@ fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Command {
 }
 
 /// A running cvx whose stdout (the node's logs) and stderr (cvx's) go to files.
-struct Running {
+pub(crate) struct Running {
     child: Child,
     stdout: PathBuf,
     stderr: PathBuf,
@@ -219,7 +219,7 @@ struct Running {
 
 static RUNS: AtomicUsize = AtomicUsize::new(0);
 
-fn spawn(ctx: &Ctx, mut cmd: Command) -> Running {
+pub(crate) fn spawn(ctx: &Ctx, mut cmd: Command) -> Running {
     let n = RUNS.fetch_add(1, Ordering::SeqCst);
     let stdout = ctx.path(&format!("run-{n}.stdout"));
     let stderr = ctx.path(&format!("run-{n}.stderr"));
@@ -258,7 +258,7 @@ impl Running {
     }
 
     /// Wait for cvx to exit (within LIMIT), expecting `code`; returns (stdout, stderr).
-    fn finish(mut self, code: i32) -> (String, String) {
+    pub(crate) fn finish(mut self, code: i32) -> (String, String) {
         let status = self.exit();
         assert_eq!(
             status.code(),
@@ -1807,7 +1807,7 @@ fn an_invalid_upgrade_info_is_logged_once_per_content() {
 
 /// An LSM-shaped database in data/ as goleveldb leaves it, plus the validator's state and the
 /// consensus WAL.
-fn lsm_data(ctx: &Ctx) {
+pub(crate) fn lsm_data(ctx: &Ctx) {
     let data = ctx.home.join("data");
     let db = data.join("application.db");
     fs::create_dir_all(&db).unwrap();
