@@ -469,7 +469,7 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
                     let _ = writeln!(
                         out,
                         "    {}",
-                        c.dim("staged without a receipt and proven to be the pinned file: receipt written, nothing replaced")
+                        c.dim("staged without a receipt, and proven to be what the manifest pins: receipt written, nothing replaced")
                     );
                 }
                 if let Some(r) = &a.replaced {

@@ -313,7 +313,11 @@ fn unit_word(word: &str, exec: bool) -> String {
         None => word.to_owned(),
     };
     let inner = inner.replace("%%", "%");
-    if exec { inner.replace("$$", "$") } else { inner }
+    if exec {
+        inner.replace("$$", "$")
+    } else {
+        inner
+    }
 }
 
 /// The `Environment=` assignments of a unit, as systemd reads them.
@@ -321,7 +325,10 @@ fn unit_env(unit: &str) -> Vec<(String, String)> {
     unit.lines()
         .filter_map(|l| l.strip_prefix("Environment="))
         .map(|kv| {
-            let (k, v) = unit_word(kv, false).split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).unwrap();
+            let (k, v) = unit_word(kv, false)
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .unwrap();
             (k, v)
         })
         .collect()
@@ -338,7 +345,10 @@ fn check_unit(fleet: &Fleet, host: &str) {
         fleet.on(host, "bin/cvx").display(),
         home.display()
     );
-    assert!(unit.lines().any(|l| l.starts_with(&exec)), "{exec} not in\n{unit}");
+    assert!(
+        unit.lines().any(|l| l.starts_with(&exec)),
+        "{exec} not in\n{unit}"
+    );
     let env = unit_env(&unit);
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     assert_eq!(get("DAEMON_NAME"), Some("simd"), "{unit}");
@@ -412,9 +422,17 @@ fn role_converges_two_hosts_idempotently_and_fails_only_the_host_with_a_wrong_pi
         // The role made the home and the backup directory for the node's user, and cvx apply,
         // run as root, left everything it staged to that user.
         for dir in ["home", "backups"] {
-            assert_eq!(owner(&fleet.on(host, dir)), (NODE_UID, NODE_UID), "{host}: {dir}");
+            assert_eq!(
+                owner(&fleet.on(host, dir)),
+                (NODE_UID, NODE_UID),
+                "{host}: {dir}"
+            );
         }
-        assert_eq!(not_the_nodes(&fleet.on(host, "home")), Vec::<PathBuf>::new(), "{host}");
+        assert_eq!(
+            not_the_nodes(&fleet.on(host, "home")),
+            Vec::<PathBuf>::new(),
+            "{host}"
+        );
         assert_eq!(
             fs::read_link(fleet.cosmovisor(host, "current")).unwrap(),
             Path::new("genesis")
@@ -671,10 +689,28 @@ fn the_role_takes_over_from_cosmovisor_quotes_the_unit_and_shows_its_diffs() {
         "{}",
         run.out
     );
-    assert_eq!(unit_state("cosmovisor.service"), ["active", "enabled"], "{}", log());
-    assert!(!fleet.on(host, "home").exists(), "check mode made the home\n{}", run.out);
-    for needle in ["+++ after: ", "+daemon = \"simd\"", "+ExecStart=", "+StartLimitBurst=5"] {
-        assert!(run.out.contains(needle), "{needle:?} not in the diffs\n{}", run.out);
+    assert_eq!(
+        unit_state("cosmovisor.service"),
+        ["active", "enabled"],
+        "{}",
+        log()
+    );
+    assert!(
+        !fleet.on(host, "home").exists(),
+        "check mode made the home\n{}",
+        run.out
+    );
+    for needle in [
+        "+++ after: ",
+        "+daemon = \"simd\"",
+        "+ExecStart=",
+        "+StartLimitBurst=5",
+    ] {
+        assert!(
+            run.out.contains(needle),
+            "{needle:?} not in the diffs\n{}",
+            run.out
+        );
     }
 
     // The real run: Cosmovisor stopped and disabled, then cvx's unit enabled and started.

@@ -14,6 +14,7 @@ mod examples;
 mod import;
 mod import_quirks;
 mod manifest;
+mod migrate;
 mod ownership;
 mod plan;
 mod run;
