@@ -557,7 +557,8 @@ fn role_converges_two_hosts_idempotently_and_fails_only_the_host_with_a_wrong_pi
         .unwrap_or_else(|| panic!("no failure for node-b\n{}", run.out));
     for needle in [
         "cvx apply failed on node-b",
-        "upgrades/v3/bin/simd",
+        // The failed artifact, and the manifest line that pins it.
+        "upgrades/v3/bin/simd (manifest line 14):",
         "checksum mismatch",
         &fleet.server.url("/simd/v3"),
         &format!("expected sha256 {wrong}"),
