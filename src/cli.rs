@@ -453,9 +453,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Man { command: name } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             if let Some(name) = name {
+                let commands: Vec<String> = command
+                    .get_subcommands()
+                    .filter(|c| !c.is_hide_set())
+                    .map(|c| c.get_name().to_string())
+                    .collect();
                 let sub = command.find_subcommand(&name).ok_or_else(|| {
                     Error::Usage(format!(
-                        "no command `{name}`; try plan, apply, run, schema, completions"
+                        "no command `{name}`; try one of {}",
+                        commands.join(", ")
                     ))
                 })?;
                 command = sub

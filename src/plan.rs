@@ -492,18 +492,20 @@ fn artifact_plan(
                     ArtifactAction::Ok,
                     "staged from the pin (re-hashed)".into(),
                 ),
-                None if staged == artifact.sha256 => (
-                    ArtifactState::Ok,
-                    ArtifactAction::Adopt,
-                    "staged without a receipt; its sha256 matches the pin: apply writes the receipt"
-                        .into(),
-                ),
+                // An archive's pin is the archive's sha256, never a staged binary's: only its
+                // member can prove the file.
                 None if crate::manifest::is_archive_url(&artifact.url) => (
                     ArtifactState::Unverified,
                     ArtifactAction::Adopt,
                     format!(
                         "staged without a receipt (sha256 {staged}): apply will verify it against the pinned archive's member, adopting it if it is the same and replacing it if not"
                     ),
+                ),
+                None if staged == artifact.sha256 => (
+                    ArtifactState::Ok,
+                    ArtifactAction::Adopt,
+                    "staged without a receipt; its sha256 matches the pin: apply writes the receipt"
+                        .into(),
                 ),
                 None => (
                     ArtifactState::Mismatch,
