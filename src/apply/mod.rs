@@ -380,8 +380,6 @@ struct Target {
 struct Done {
     size: u64,
     resumed: bool,
-    /// Adopted: the staged file was the pinned one; only its receipt was written.
-    adopted: bool,
     /// Adopted as planned, but the file was not the member and was replaced.
     differed: Option<String>,
     replaced: Option<PathBuf>,
@@ -409,6 +407,7 @@ pub async fn execute(
 
     // Group the work by pin: the same bytes are fetched once, wherever they go.
     let mut groups: BTreeMap<String, (String, Vec<Target>)> = BTreeMap::new();
+    let mut matching = Vec::new();
     for (index, (stage, artifact)) in artifacts(plan).enumerate() {
         if artifact.action == ArtifactAction::Ok {
             continue;
@@ -420,16 +419,7 @@ pub async fn execute(
         }
         // Its sha256 already matches the pin: nothing to fetch to prove it.
         if artifact.action == ArtifactAction::Adopt && artifact.state == ArtifactState::Ok {
-            match adopt_matching(layout, artifact) {
-                Ok(size) => {
-                    actions[index].status = Status::Changed;
-                    actions[index].size = Some(size);
-                }
-                Err(message) => {
-                    actions[index].status = Status::Failed;
-                    actions[index].error = Some(message);
-                }
-            }
+            matching.push((index, artifact.clone()));
             continue;
         }
         let mode = match artifact.kind {
@@ -454,6 +444,19 @@ pub async fn execute(
 
     let semaphore = Arc::new(tokio::sync::Semaphore::new(options.jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    // Adoptions that need no download: hashed again while the downloads run.
+    for (index, artifact) in matching {
+        let layout = layout.clone();
+        tasks.spawn_blocking(move || {
+            let done = adopt_matching(&layout, &artifact).map(|size| Done {
+                size,
+                resumed: false,
+                differed: None,
+                replaced: None,
+            });
+            vec![(index, done)]
+        });
+    }
     for (sha256, (url, targets)) in groups {
         let client = client.clone();
         let semaphore = semaphore.clone();
@@ -509,11 +512,10 @@ pub async fn execute(
                     action.status = Status::Changed;
                     action.size = Some(done.size);
                     action.resumed = done.resumed;
+                    // Planned as an adoption, but not the pinned archive's member: replaced.
                     if let Some(reason) = done.differed {
                         action.action = "replace";
                         action.reason = reason;
-                    } else if !done.adopted && action.action == "adopt" {
-                        action.action = "fetch";
                     }
                     action.replaced = done.replaced.map(|kept| Replaced {
                         sha256: plan_artifact(plan, index).staged_sha256.clone(),
@@ -656,7 +658,6 @@ fn stage_target(
         return stage_with(layout, file, staging, consume).map(|installed| Done {
             size: installed.size,
             resumed: false,
-            adopted: false,
             differed: None,
             replaced: installed.replaced,
         });
@@ -702,7 +703,6 @@ fn stage_target(
             Ok(Done {
                 size,
                 resumed: false,
-                adopted: true,
                 differed: None,
                 replaced: None,
             })
@@ -721,7 +721,6 @@ fn stage_target(
             Ok(Done {
                 size,
                 resumed: false,
-                adopted: false,
                 differed: Some(differed),
                 replaced,
             })
