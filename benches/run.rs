@@ -333,7 +333,7 @@ fn write_receipt(layout: &cvx::tree::Layout, rel: &str) -> Result<()> {
         member: None,
         identity: cvx::receipt::FileIdentity::of(&meta),
     };
-    cvx::receipt::write(&layout.receipts(), &receipt)
+    cvx::receipt::write(&layout.receipts(), &receipt, None)
         .map_err(|e| format!("cannot write the receipt of {rel}: {e}"))
 }
 

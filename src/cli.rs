@@ -47,10 +47,15 @@ pub enum Command {
     Plan(PlanArgs),
     /// Download, verify and atomically stage every binary the plan needs.
     Apply(ApplyArgs),
+    /// Remove stages the manifest no longer names (never `current`'s) and old replaced files.
+    Prune(PruneArgs),
     /// Where the node stands: current upgrade, the next one and its readiness, height and ETA.
     Status(StatusArgs),
     /// Supervise the node as `cosmovisor run` does: every argument goes to the daemon.
-    #[command(disable_help_flag = true)]
+    #[command(
+        disable_help_flag = true,
+        after_help = crate::run::config::variables_help()
+    )]
     Run(RunArgs),
     /// The backups of data/ that cvx run took before each upgrade.
     Backup {
@@ -102,6 +107,12 @@ pub struct HomeArgs {
     /// Print one JSON document on stdout instead of the human rendering.
     #[arg(long)]
     pub json: bool,
+    /// More logs on stderr (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +240,18 @@ pub struct ApplyArgs {
     pub strict: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    #[command(flatten)]
+    pub common: Common,
+    /// Show what would be removed, and remove nothing.
+    #[arg(long)]
+    pub check: bool,
+    /// How long to wait for an apply or a switch on the same tree to finish (Go syntax: 30s, 5m).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, value_name = "DURATION")]
+    pub lock_timeout: std::time::Duration,
+}
+
 fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     crate::duration::parse(text)
 }
@@ -253,18 +276,22 @@ pub enum SchemaKind {
 impl Command {
     /// The log verbosity asked for: -1 quiet, 0 default, 1+ verbose.
     pub fn verbosity(&self) -> i8 {
-        match self {
+        let (quiet, verbose) = match self {
             Command::Plan(PlanArgs { common, .. })
             | Command::Apply(ApplyArgs { common, .. })
-            | Command::Status(StatusArgs { common }) => {
-                if common.quiet {
-                    -1
-                } else {
-                    common.verbose as i8
-                }
+            | Command::Prune(PruneArgs { common, .. })
+            | Command::Status(StatusArgs { common }) => (common.quiet, common.verbose),
+            Command::Backup {
+                command: BackupCommand::List(home),
             }
-            _ => 0,
-        }
+            | Command::Rollback(RollbackArgs { home, .. }) => (home.quiet, home.verbose),
+            Command::Pin(args) => (args.quiet, args.verbose),
+            Command::Import {
+                source: crate::import::ImportCommand::ChainRegistry(args),
+            } => (args.quiet, args.verbose),
+            _ => (false, 0),
+        };
+        if quiet { -1 } else { verbose as i8 }
     }
 }
 
@@ -408,6 +435,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         }
         Command::Plan(args) => run_plan(args),
         Command::Apply(args) => run_apply(args),
+        Command::Prune(args) => run_prune(args),
         Command::Status(args) => run_status(args),
         Command::Backup {
             command: BackupCommand::List(args),
@@ -430,9 +458,15 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         Command::Man { command: name } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             if let Some(name) = name {
+                let commands: Vec<String> = command
+                    .get_subcommands()
+                    .filter(|c| !c.is_hide_set())
+                    .map(|c| c.get_name().to_string())
+                    .collect();
                 let sub = command.find_subcommand(&name).ok_or_else(|| {
                     Error::Usage(format!(
-                        "no command `{name}`; try plan, apply, run, schema, completions"
+                        "no command `{name}`; try one of {}",
+                        commands.join(", ")
                     ))
                 })?;
                 command = sub
@@ -615,7 +649,19 @@ fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
             .map_err(ApplyError::from)?;
     }
     if let Some(node) = &args.node {
-        plan.drift = Some(runtime()?.block_on(crate::drift::check(&loaded.manifest, node))?);
+        let mut drift = runtime()?.block_on(crate::drift::check(&loaded.manifest, node))?;
+        // Each finding at its line of the manifest, as validation errors are shown.
+        let source = std::fs::read_to_string(&loaded.path).unwrap_or_default();
+        let file = loaded.path.display().to_string();
+        let manifest = render::github::Manifest::new(&file, &source);
+        for finding in &mut drift.findings {
+            finding.location = finding
+                .key
+                .as_ref()
+                .and_then(|k| manifest.locate(k))
+                .map(|(line, column)| format!("{file}:{line}:{column}"));
+        }
+        plan.drift = Some(drift);
     }
     if args.common.json {
         print!("{}", render::json(&plan));
@@ -679,7 +725,9 @@ fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
     let layout = Layout::new(&home);
     if args.check {
         let plan = compute_plan(&loaded, Some(home), None, args.verify)?;
-        return Ok(apply::check(&plan, args.force));
+        let mut report = apply::check(&plan, args.force);
+        locate_actions(&mut report, &loaded);
+        return Ok(report);
     }
     // Plan under the lock: what another apply staged meanwhile is seen, not redone.
     let _lock = apply::lock(&layout, args.lock_timeout, apply::Role::Apply)?;
@@ -704,7 +752,45 @@ fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
     let mut report = runtime()?.block_on(apply::execute(&plan, &layout, &options, reporter))?;
     // Will it run here: warnings, or with --strict a failure (src/runnable.rs).
     crate::runnable::after_apply(&mut report, &plan, &layout, args.strict);
+    locate_actions(&mut report, &loaded);
     Ok(report)
+}
+
+/// The manifest line of each action's artifact, so a failed download points at its pin.
+fn locate_actions(report: &mut apply::Report, loaded: &Loaded) {
+    // The text as validated; a file changed since only misplaces the lines.
+    let source = std::fs::read_to_string(&loaded.path).unwrap_or_default();
+    let file = loaded.path.display().to_string();
+    let manifest = render::github::Manifest::new(&file, &source);
+    for action in &mut report.actions {
+        action.line = action
+            .key
+            .as_ref()
+            .and_then(|k| manifest.locate(k))
+            .map(|(line, _)| line);
+    }
+}
+
+/// `cvx prune [--check]`: see [`crate::apply::prune`].
+fn run_prune(args: PruneArgs) -> Result<ExitCode, Error> {
+    let loaded = manifest::load(&args.common.manifest)?;
+    let home = home(&args.common, &loaded).ok_or(ApplyError::NoHome)?;
+    let layout = Layout::new(&home);
+    let recase = !env_bool("COSMOVISOR_DISABLE_RECASE")?;
+    let managed = plan::managed_dirs(&loaded.manifest, recase);
+    let _lock = if args.check {
+        None
+    } else {
+        Some(apply::lock(&layout, args.lock_timeout, apply::Role::Prune)?)
+    };
+    let pruned =
+        apply::prune::prune(&layout, &managed, recase, args.check).map_err(ApplyError::from)?;
+    if args.common.json {
+        print!("{}", render::json(&pruned));
+    } else {
+        print!("{}", render::prune_human(&pruned, Colors::for_stdout()));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_status(args: StatusArgs) -> Result<ExitCode, Error> {

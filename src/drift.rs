@@ -14,7 +14,13 @@ use crate::plan::ManifestKey;
 pub struct DriftReport {
     /// The node's REST endpoint asked.
     pub node: String,
-    pub latest_height: u64,
+    /// The chain the node says it is on (`node_info.network`).
+    pub chain_id: String,
+    /// False when that is not the manifest's `chain.id`: then nothing else was asked of the
+    /// node, and there are no findings but that one.
+    pub trusted: bool,
+    /// The node's latest height (absent when the node is not trusted).
+    pub latest_height: Option<u64>,
     /// The upgrade plan governance has scheduled, if any.
     pub current_plan: Option<ChainPlan>,
     pub findings: Vec<Drift>,
@@ -40,12 +46,15 @@ pub enum Severity {
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct Drift {
     pub severity: Severity,
-    /// The upgrade concerned.
+    /// The upgrade concerned (empty for the chain itself).
     pub upgrade: String,
-    /// Where the manifest says what the chain contradicts (its height, or its name); absent when
-    /// the manifest lacks the upgrade.
+    /// Where the manifest says what the chain contradicts (its height, or its name, or
+    /// `chain.id`); absent when the manifest lacks the upgrade.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<ManifestKey>,
+    /// `key` in the manifest as `FILE:LINE:COLUMN` (filled by the command, which has the text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
     pub message: String,
 }
 
@@ -111,7 +120,9 @@ async fn get(client: &reqwest::Client, base: &str, path: &str) -> Result<Value, 
     })
 }
 
-/// Ask the node, then compare. `node` is its REST endpoint, e.g. `http://127.0.0.1:1317`.
+/// Ask the node, then compare. `node` is its REST endpoint, e.g. `http://127.0.0.1:1317`. A
+/// node of another chain than the manifest's is not asked anything more: its plans say nothing
+/// about this chain.
 pub async fn check(manifest: &Manifest, node: &str) -> Result<DriftReport, DriftError> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
@@ -120,6 +131,34 @@ pub async fn check(manifest: &Manifest, node: &str) -> Result<DriftReport, Drift
             url: node.to_string(),
             source,
         })?;
+    let info = get(&client, node, "/cosmos/base/tendermint/v1beta1/node_info").await?;
+    let chain_id = info["default_node_info"]["network"]
+        .as_str()
+        .ok_or_else(|| DriftError::Unexpected {
+            url: format!("{node}/cosmos/base/tendermint/v1beta1/node_info"),
+            reason: "no default_node_info.network".into(),
+        })?
+        .to_string();
+    if chain_id != manifest.chain.id {
+        return Ok(DriftReport {
+            node: node.to_string(),
+            findings: vec![Drift {
+                severity: Severity::Warning,
+                upgrade: String::new(),
+                key: Some(ManifestKey::default().key("chain").key("id")),
+                location: None,
+                message: format!(
+                    "the node at {node} is on chain {chain_id:?}, the manifest is for {:?}: its upgrade plans were not compared",
+                    manifest.chain.id
+                ),
+            }],
+            chain_id,
+            trusted: false,
+            latest_height: None,
+            current_plan: None,
+            next: None,
+        });
+    }
     let latest = get(
         &client,
         node,
@@ -155,13 +194,9 @@ pub async fn check(manifest: &Manifest, node: &str) -> Result<DriftReport, Drift
         .await?;
         applied.push(int(&answer["height"]).filter(|h| *h > 0));
     }
-    Ok(compare(
-        manifest,
-        node,
-        latest_height,
-        current_plan,
-        &applied,
-    ))
+    let mut report = compare(manifest, node, latest_height, current_plan, &applied);
+    report.chain_id = chain_id;
+    Ok(report)
 }
 
 /// The comparison itself, pure: `applied[i]` is where the chain applied `manifest.upgrades[i]`.
@@ -191,6 +226,7 @@ pub fn compare(
                         severity: Severity::Error,
                         upgrade: u.name.clone(),
                         key: Some(ManifestKey::stage(Some(i)).key("height")),
+                        location: None,
                         message: format!("the chain schedules {} at height {}, the manifest says {h}", plan.name, plan.height),
                     });
                 }
@@ -199,6 +235,7 @@ pub fn compare(
                 severity: Severity::Error,
                 upgrade: u.name.clone(),
                 key: Some(ManifestKey::stage(Some(i)).key("name")),
+                location: None,
                 message: format!(
                     "at height {} the chain schedules {:?}, the manifest names it {:?}; the node will look for upgrades/{}",
                     plan.height,
@@ -211,6 +248,7 @@ pub fn compare(
                 severity: Severity::Error,
                 upgrade: plan.name.clone(),
                 key: None,
+                location: None,
                 message: format!(
                     "the chain schedules {} at height {} and the manifest lacks it: the node will halt there with no binary",
                     plan.name, plan.height
@@ -225,6 +263,7 @@ pub fn compare(
                 severity: Severity::Error,
                 upgrade: u.name.clone(),
                 key: Some(ManifestKey::stage(Some(i)).key("trigger")),
+                location: None,
                 message: format!(
                     "the chain schedules {:?} by governance at height {}, where the manifest schedules {:?} with trigger = \"halt-height\": one upgrade, two halts; if it is the same upgrade, set trigger = \"governance\" (or remove trigger)",
                     plan.name, plan.height, u.name
@@ -257,6 +296,7 @@ pub fn compare(
             severity: Severity::Warning,
             upgrade: upgrade.name.clone(),
             key,
+            location: None,
             message,
         });
     }
@@ -285,7 +325,9 @@ pub fn compare(
         });
     DriftReport {
         node: node.to_string(),
-        latest_height,
+        chain_id: manifest.chain.id.clone(),
+        trusted: true,
+        latest_height: Some(latest_height),
         current_plan,
         findings,
         next,

@@ -73,6 +73,12 @@ pub struct ChainRegistryArgs {
     /// The daemon's file name (DAEMON_NAME), when no chain.json is given (or to override it).
     #[arg(long, value_name = "NAME")]
     pub daemon: Option<String>,
+    /// More logs on stderr (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr: no notes, no warnings, no summary.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +337,9 @@ pub fn run(command: ImportCommand) -> Result<ExitCode, crate::cli::Error> {
                 })?;
         }
     }
+    if args.quiet {
+        return Ok(ExitCode::SUCCESS);
+    }
     for note in &imported.notes {
         eprintln!("note: {note}");
     }
@@ -474,8 +483,8 @@ async fn read_source(
             source: e,
         };
         if source.starts_with("http://") {
-            eprintln!(
-                "warning: {source} is plain http: the checksums it carries are only as trustworthy as the network"
+            tracing::warn!(
+                "{source} is plain http: the checksums it carries are only as trustworthy as the network"
             );
         }
         let client = match client {

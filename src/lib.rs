@@ -11,6 +11,7 @@ pub mod duration;
 pub mod hash;
 pub mod import;
 pub mod manifest;
+pub mod owner;
 pub mod pin;
 pub mod plan;
 pub mod progress;

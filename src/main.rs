@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use cvx::cli::{self, Cli};
 use cvx::render::Colors;
+use cvx::run::logs;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,9 +17,7 @@ fn main() -> ExitCode {
     match cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
-            use std::io::IsTerminal;
-            let colors =
-                Colors(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none());
+            let colors = Colors(logs::colour_on_stderr());
             eprint!("{}", cli::report(&err, colors));
             err.exit_code()
         }
@@ -35,12 +34,15 @@ fn init_logging(verbosity: i8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CVX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("cvx={level},{level}")));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Colour only on a terminal: CI logs and files get plain text.
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .with_target(false)
-        .init();
+        .with_ansi(logs::colour_on_stderr())
+        .with_target(false);
+    // The timestamps `cvx run` writes, so one host's logs read alike.
+    match logs::time_format_from_env() {
+        Some(layout) => builder.with_timer(logs::GoTime(layout)).init(),
+        None => builder.without_time().init(),
+    }
 }

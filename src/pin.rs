@@ -39,6 +39,12 @@ pub struct PinArgs {
     /// Refuse artifacts larger than this many MiB.
     #[arg(long, default_value_t = 4096, value_name = "MIB")]
     pub max_size: u64,
+    /// More logs on stderr (-v debug, -vv trace).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Only errors on stderr: no notes, no warnings, no list of what was pinned.
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,35 +115,59 @@ impl Slot<'_> {
             .map(str::to_string)
     }
 
-    /// Set `sha256`, keeping the value's place and spacing, and drop the TODO comment about it.
+    /// Set `sha256` as a person would write it: an existing value keeps its place and spacing; a
+    /// new one goes right after `url`, an inline table then spaced as `{ url = "...", sha256 =
+    /// "..." }`. The TODO comment about the missing pin goes, the line's end stays.
     fn set_sha256(&mut self, sha256: &str) {
         match self.table_mut().get_mut("sha256") {
             Some(Item::Value(value)) => {
                 let mut decor = value.decor().clone();
-                if decor
-                    .suffix()
-                    .and_then(|s| s.as_str())
-                    .is_some_and(is_pin_todo)
-                {
-                    decor.set_suffix("");
-                }
+                drop_pin_todo(&mut decor);
                 *value = Value::from(sha256);
                 *value.decor_mut() = decor;
             }
-            _ => {
-                self.table_mut().insert("sha256", toml_edit::value(sha256));
-            }
+            _ => match self {
+                Slot::Inline(t) => {
+                    t.insert("sha256", Value::from(sha256));
+                    t.sort_values_by(|a, _, b, _| key_rank(a).cmp(&key_rank(b)));
+                    t.fmt();
+                }
+                Slot::Table(t) => {
+                    t.insert("sha256", toml_edit::value(sha256));
+                    t.sort_values_by(|a, _, b, _| key_rank(a).cmp(&key_rank(b)));
+                }
+            },
         }
         if let Slot::Inline(t) = self {
-            let decor = t.decor_mut();
-            if decor
-                .suffix()
-                .and_then(|s| s.as_str())
-                .is_some_and(is_pin_todo)
-            {
-                decor.set_suffix("");
-            }
+            drop_pin_todo(t.decor_mut());
         }
+    }
+}
+
+/// Where a key of an artifact goes, as the manifest's documentation orders them.
+fn key_rank(key: &str) -> usize {
+    ["url", "sha256", "path", "name"]
+        .iter()
+        .position(|k| *k == key)
+        .unwrap_or(usize::MAX)
+}
+
+/// Remove the TODO comment about the missing pin from a value's trailing decor, keeping what
+/// follows it (the line's end).
+fn drop_pin_todo(decor: &mut toml_edit::Decor) {
+    let Some(suffix) = decor.suffix().and_then(|s| s.as_str()) else {
+        return;
+    };
+    let (comment, rest) = suffix
+        .split_once('\n')
+        .map_or((suffix, ""), |(c, r)| (c, r));
+    if is_pin_todo(comment) {
+        let rest = if suffix.contains('\n') {
+            format!("\n{rest}")
+        } else {
+            String::new()
+        };
+        decor.set_suffix(rest);
     }
 }
 
@@ -274,7 +304,7 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
             .or_default()
             .push(a);
     }
-    if targets.is_empty() {
+    if targets.is_empty() && !args.quiet {
         if args.verify {
             eprintln!(
                 "{}: no artifact is pinned; nothing to verify",
@@ -322,7 +352,7 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
     }
 
     if args.verify {
-        return verify_report(&all, &urls, &digests, failed);
+        return verify_report(&all, &urls, &digests, failed, args.quiet);
     }
     if failed > 0 {
         return Err(PinError::Downloads {
@@ -356,11 +386,28 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
     let new_text = doc.to_string();
     write_in_place(path, &text, &new_text)?;
 
+    if !args.quiet {
+        report_pins(path, &found, &urls, filled);
+    }
+    match invalid(path, &new_text) {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// What was pinned, from where, for whom: the operator compares these with the release's own
+/// checksums.
+fn report_pins(
+    path: &Path,
+    found: &BTreeMap<&str, &fetch::Digest>,
+    urls: &BTreeMap<String, Vec<&Artifact>>,
+    filled: usize,
+) {
     eprintln!(
         "trust on first use: each sha256 below is what its URL served just now, not a checksum \
          anyone published; compare it with the release's own checksums before relying on it."
     );
-    for (url, d) in &found {
+    for (url, d) in found {
         let uses: Vec<&str> = urls[*url].iter().map(|a| a.used_by.as_str()).collect();
         eprintln!(
             "  pinned {} {url} ({} bytes; {})",
@@ -374,10 +421,6 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
         path.display(),
         if filled == 1 { "" } else { "s" }
     );
-    match invalid(path, &new_text) {
-        Some(e) => Err(e),
-        None => Ok(ExitCode::SUCCESS),
-    }
 }
 
 /// The validation error for `text`, if it does not validate.
@@ -413,6 +456,7 @@ fn verify_report(
     urls: &BTreeMap<String, Vec<&Artifact>>,
     digests: &Digests,
     failed: usize,
+    quiet: bool,
 ) -> Result<ExitCode, Error> {
     let mut out = String::new();
     let mut mismatched = 0;
@@ -422,12 +466,10 @@ fn verify_report(
             continue;
         };
         for a in &urls[url] {
-            let pinned = a
-                .sha256
-                .as_deref()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase();
+            let pinned = crate::manifest::strip_sha256_prefix(
+                a.sha256.as_deref().unwrap_or_default().trim(),
+            )
+            .to_ascii_lowercase();
             if pinned == d.sha256 {
                 out.push_str(&format!("ok        {url} ({})\n", a.used_by));
             } else {
@@ -452,6 +494,14 @@ fn verify_report(
         .write_all(out.as_bytes())
         .and_then(|()| stdout.flush());
     let checked = digests.len();
+    let code = if mismatched > 0 || failed > 0 || !unpinned.is_empty() {
+        crate::cli::exit::ERROR
+    } else {
+        crate::cli::exit::OK
+    };
+    if quiet {
+        return Ok(ExitCode::from(code));
+    }
     eprintln!(
         "verified {checked} URL{}: {mismatched} mismatch{}, {failed} failed download{}, {} unpinned artifact{}",
         if checked == 1 { "" } else { "s" },
@@ -466,17 +516,11 @@ fn verify_report(
              find out which before staging it (the manifest was not changed)"
         );
     }
-    Ok(ExitCode::from(
-        if mismatched > 0 || failed > 0 || !unpinned.is_empty() {
-            crate::cli::exit::ERROR
-        } else {
-            crate::cli::exit::OK
-        },
-    ))
+    Ok(ExitCode::from(code))
 }
 
 /// Replace `path` with `new_text` atomically, unless it no longer holds `old_text`; the file's
-/// permissions are kept.
+/// permissions and owner are kept.
 fn write_in_place(path: &Path, old_text: &str, new_text: &str) -> Result<(), PinError> {
     let write = |source| PinError::Write {
         path: path.to_path_buf(),
@@ -486,13 +530,17 @@ fn write_in_place(path: &Path, old_text: &str, new_text: &str) -> Result<(), Pin
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
-    let permissions = std::fs::metadata(path).map_err(write)?.permissions();
+    let meta = std::fs::metadata(path).map_err(write)?;
     let mut temp = tempfile::Builder::new()
         .prefix(".cvx-pin-")
         .tempfile_in(dir)
         .map_err(write)?;
     temp.write_all(new_text.as_bytes()).map_err(write)?;
-    temp.as_file().set_permissions(permissions).map_err(write)?;
+    temp.as_file()
+        .set_permissions(meta.permissions())
+        .map_err(write)?;
+    // Run as root (sudo) on someone's manifest, the file stays theirs.
+    crate::owner::give_file(crate::owner::Owner::same_as(&meta), temp.as_file()).map_err(write)?;
     temp.as_file().sync_all().map_err(write)?;
     // Someone edited the file while we downloaded: their edit wins, ours is not written.
     if std::fs::read_to_string(path).map_err(write)? != old_text {

@@ -47,6 +47,9 @@ pub enum StageAction {
     Create,
     /// Something staged, something to fetch or replace.
     Replace,
+    /// Staged without receipts (by hand, or by Cosmovisor) and to be adopted: nothing to fetch
+    /// or replace, receipts to write.
+    Adopt,
     Ok,
     /// On disk, not in the manifest: left alone.
     Unmanaged,
@@ -83,7 +86,8 @@ pub enum ArtifactKind {
 #[serde(rename_all = "snake_case")]
 pub enum ArtifactState {
     Missing,
-    /// Staged and proven to come from the pin (hash or receipt).
+    /// Staged and proven to come from the pin (hash or receipt); see the action for whether a
+    /// receipt is still to be written.
     Ok,
     /// Staged bytes differ from what the pin describes.
     Mismatch,
@@ -96,6 +100,11 @@ pub enum ArtifactState {
 pub enum ArtifactAction {
     Fetch,
     Replace,
+    /// Staged without a receipt: apply proves the file is the pinned one (its sha256, or the
+    /// pinned archive's member, fetched) and writes the receipt, replacing nothing. A file that
+    /// turns out to differ from the archive's member is replaced (in `current`'s stage only with
+    /// `--force`).
+    Adopt,
     Ok,
 }
 
@@ -111,6 +120,9 @@ pub struct ArtifactPlan {
     pub member: Option<String>,
     /// Relative to `$DAEMON_HOME/cosmovisor`, e.g. `upgrades/v26/bin/osmosisd`.
     pub destination: String,
+    /// The sha256 of the file staged there now, when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub staged_sha256: Option<String>,
     pub state: ArtifactState,
     pub action: ArtifactAction,
     pub reason: String,
@@ -169,6 +181,7 @@ pub struct PendingPlan {
 pub struct Summary {
     pub fetch: usize,
     pub replace: usize,
+    pub adopt: usize,
     pub ok: usize,
     pub unmanaged: usize,
 }
@@ -176,7 +189,8 @@ pub struct Summary {
 impl Plan {
     /// Whether apply would change anything.
     pub fn has_changes(&self) -> bool {
-        self.summary.fetch + self.summary.replace > 0 || self.current.action == LinkAction::Create
+        self.summary.fetch + self.summary.replace + self.summary.adopt > 0
+            || self.current.action == LinkAction::Create
     }
 }
 
@@ -337,7 +351,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
             let as_artifact = Artifact {
                 url: lib.url.clone(),
                 sha256: lib.sha256.clone(),
-                path: None,
+                path: lib.path.clone(),
             };
             let rel = format!("lib/{}", lib.file_name());
             artifacts.push(artifact_plan(
@@ -354,6 +368,11 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
             StageAction::Ok
         } else if artifacts.iter().all(|a| a.state == ArtifactState::Missing) {
             StageAction::Create
+        } else if artifacts
+            .iter()
+            .all(|a| matches!(a.action, ArtifactAction::Ok | ArtifactAction::Adopt))
+        {
+            StageAction::Adopt
         } else {
             StageAction::Replace
         };
@@ -408,6 +427,7 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
             match a.action {
                 ArtifactAction::Fetch => summary.fetch += 1,
                 ArtifactAction::Replace => summary.replace += 1,
+                ArtifactAction::Adopt => summary.adopt += 1,
                 ArtifactAction::Ok => summary.ok += 1,
             }
         }
@@ -430,18 +450,6 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
     }
 }
 
-/// Looks like an archive by its name; the receipt is what proves an unpacked binary's origin.
-fn archive_by_name(url: &str) -> bool {
-    let name = crate::manifest::url_file_name(url)
-        .unwrap_or_default()
-        .to_ascii_lowercase();
-    [
-        ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
-    ]
-    .iter()
-    .any(|ext| name.ends_with(ext))
-}
-
 fn artifact_plan(
     kind: ArtifactKind,
     key: ManifestKey,
@@ -450,60 +458,70 @@ fn artifact_plan(
     rel: &str,
     on_disk: &StageDir,
 ) -> ArtifactPlan {
-    let short = |sha: &str| sha.get(..12).unwrap_or(sha).to_string();
-    let (state, reason) = match on_disk.files.get(rel) {
-        None => (ArtifactState::Missing, "not staged".to_string()),
+    let staged_file = on_disk.files.get(rel);
+    let staged_sha256 = staged_file.and_then(|f| f.sha256.clone());
+    let (state, action, reason) = match staged_file {
+        None => (
+            ArtifactState::Missing,
+            ArtifactAction::Fetch,
+            "not staged".to_string(),
+        ),
         Some(file) if file.kind != FileKind::Regular => (
             ArtifactState::Mismatch,
-            format!("{} is not a regular file", rel),
+            ArtifactAction::Replace,
+            format!("{rel} is not a regular file"),
         ),
         Some(file) => {
             let staged = file.sha256.clone().unwrap_or_default();
             match &file.receipt {
                 Some(r) if r.source_sha256 != artifact.sha256 => (
                     ArtifactState::Mismatch,
+                    ArtifactAction::Replace,
                     format!(
-                        "pin changed: staged from sha256 {}…, pinned {}…",
-                        short(&r.source_sha256),
-                        short(&artifact.sha256)
+                        "pin changed: staged from sha256 {}, pinned {}",
+                        r.source_sha256, artifact.sha256
                     ),
                 ),
                 Some(r) if r.sha256 != staged => (
                     ArtifactState::Mismatch,
+                    ArtifactAction::Replace,
                     format!(
-                        "modified since staged: sha256 {}…, staged as {}…",
-                        short(&staged),
-                        short(&r.sha256)
+                        "modified since staged: sha256 {staged}, staged as {}",
+                        r.sha256
                     ),
                 ),
                 Some(_) if file.from_receipt => (
                     ArtifactState::Ok,
+                    ArtifactAction::Ok,
                     "staged from the pin (receipt, file unchanged)".into(),
                 ),
-                Some(_) => (ArtifactState::Ok, "staged from the pin (re-hashed)".into()),
-                None if staged == artifact.sha256 => {
-                    (ArtifactState::Ok, "sha256 matches the pin".into())
-                }
-                None if archive_by_name(&artifact.url) => (
+                Some(_) => (
+                    ArtifactState::Ok,
+                    ArtifactAction::Ok,
+                    "staged from the pin (re-hashed)".into(),
+                ),
+                // An archive's pin is the archive's sha256, never a staged binary's: only its
+                // member can prove the file.
+                None if crate::manifest::is_archive_url(&artifact.url) => (
                     ArtifactState::Unverified,
-                    "staged without a receipt: nothing proves it came from the pinned archive"
+                    ArtifactAction::Adopt,
+                    format!(
+                        "staged without a receipt (sha256 {staged}): apply will verify it against the pinned archive's member, adopting it if it is the same and replacing it if not"
+                    ),
+                ),
+                None if staged == artifact.sha256 => (
+                    ArtifactState::Ok,
+                    ArtifactAction::Adopt,
+                    "staged without a receipt; its sha256 matches the pin: apply writes the receipt"
                         .into(),
                 ),
                 None => (
                     ArtifactState::Mismatch,
-                    format!(
-                        "sha256 {}… differs from the pin {}…",
-                        short(&staged),
-                        short(&artifact.sha256)
-                    ),
+                    ArtifactAction::Replace,
+                    format!("sha256 {staged} differs from the pin {}", artifact.sha256),
                 ),
             }
         }
-    };
-    let action = match state {
-        ArtifactState::Missing => ArtifactAction::Fetch,
-        ArtifactState::Ok => ArtifactAction::Ok,
-        ArtifactState::Mismatch | ArtifactState::Unverified => ArtifactAction::Replace,
     };
     ArtifactPlan {
         kind,
@@ -512,6 +530,7 @@ fn artifact_plan(
         sha256: artifact.sha256.clone(),
         member: artifact.path.clone(),
         destination: format!("{dir}/{rel}"),
+        staged_sha256,
         state,
         action,
         reason,

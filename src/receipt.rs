@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::owner::Owner;
+
 /// The identity of a file as the kernel sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileIdentity {
@@ -70,12 +72,16 @@ pub fn read(receipts_dir: &Path, rel: &str) -> Option<Receipt> {
 /// the file's last change. Timestamps advance in coarse ticks (a few ms): a receipt written in
 /// the file's own tick is not trusted by `tree` (a change in that tick would not show), so the
 /// write is repeated, briefly, until the clock has moved on.
-pub fn write(receipts_dir: &Path, receipt: &Receipt) -> io::Result<()> {
+///
+/// Receipts (and their directories) belong to `owner` when there is one: `cvx run`, as the
+/// home's owner, reads them before it executes a binary.
+pub fn write(receipts_dir: &Path, receipt: &Receipt, owner: Option<Owner>) -> io::Result<()> {
     let path = receipt_path(receipts_dir, &receipt.path);
     let dir = path.parent().unwrap_or(receipts_dir);
-    fs::create_dir_all(dir)?;
+    crate::owner::create_dir_all(owner, dir)?;
     for _ in 0..100 {
         let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        crate::owner::give_file(owner, tmp.as_file())?;
         serde_json::to_writer_pretty(&mut tmp, receipt)?;
         tmp.write_all(b"\n")?;
         tmp.as_file().sync_all()?;

@@ -228,6 +228,7 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         let action = match stage.action {
             StageAction::Create => c.green("create"),
             StageAction::Replace => c.yellow("replace"),
+            StageAction::Adopt => c.green("adopt"),
             StageAction::Ok => c.dim("ok"),
             StageAction::Unmanaged => c.dim("unmanaged: on disk, not in the manifest; left alone"),
         };
@@ -243,10 +244,13 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
             let verb = match a.action {
                 ArtifactAction::Fetch => c.green("+ fetch  "),
                 ArtifactAction::Replace => c.yellow("~ replace"),
+                ArtifactAction::Adopt => c.green("= adopt  "),
                 ArtifactAction::Ok => c.dim("= ok     "),
             };
             let _ = writeln!(out, "  {verb} {rel:width$}  {}", a.reason);
-            if a.action != ArtifactAction::Ok {
+            if matches!(a.action, ArtifactAction::Fetch | ArtifactAction::Replace)
+                || a.state == crate::plan::ArtifactState::Unverified
+            {
                 let member = a
                     .member
                     .as_ref()
@@ -322,17 +326,30 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     }
 
     if let Some(drift) = &plan.drift {
-        let scheduled = match &drift.current_plan {
-            Some(p) => format!("{} at height {}", p.name, p.height),
-            None => "no upgrade scheduled".into(),
-        };
-        let _ = writeln!(
-            out,
-            "\n{} {} at height {}, {scheduled}",
-            c.bold("chain:"),
-            drift.node,
-            drift.latest_height
-        );
+        match drift.latest_height {
+            Some(height) => {
+                let scheduled = match &drift.current_plan {
+                    Some(p) => format!("{} at height {}", p.name, p.height),
+                    None => "no upgrade scheduled".into(),
+                };
+                let _ = writeln!(
+                    out,
+                    "\n{} {} ({}) at height {height}, {scheduled}",
+                    c.bold("chain:"),
+                    drift.node,
+                    drift.chain_id
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "\n{} {} ({}): not this chain",
+                    c.bold("chain:"),
+                    drift.node,
+                    drift.chain_id
+                );
+            }
+        }
         if let Some(next) = &drift.next {
             let _ = writeln!(
                 out,
@@ -347,12 +364,24 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
                 c.green("no drift: the manifest agrees with the chain")
             );
         }
+        // Each finding as a compiler would show it: where the manifest says it, then what.
         for f in &drift.findings {
-            let label = match f.severity {
-                crate::drift::Severity::Error => c.red("drift:"),
-                crate::drift::Severity::Warning => c.yellow("stale:"),
+            let label = match (f.severity, drift.trusted) {
+                (crate::drift::Severity::Error, _) => c.red("error:"),
+                (crate::drift::Severity::Warning, true) => c.yellow("stale:"),
+                (crate::drift::Severity::Warning, false) => c.yellow("warning:"),
             };
-            let _ = writeln!(out, "  {label} {}: {}", f.upgrade, f.message);
+            let at = f
+                .location
+                .as_ref()
+                .map(|l| format!("{l}: "))
+                .unwrap_or_default();
+            let upgrade = if f.upgrade.is_empty() {
+                String::new()
+            } else {
+                format!("upgrade {}: ", f.upgrade)
+            };
+            let _ = writeln!(out, "  {label} {at}{upgrade}{}", f.message);
         }
     }
 
@@ -380,15 +409,42 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     let mut parts = vec![
         format!("{} to fetch", s.fetch),
         format!("{} to replace", s.replace),
-        format!("{} ok", s.ok),
     ];
+    if s.adopt > 0 {
+        parts.push(format!("{} to adopt", s.adopt));
+    }
+    parts.push(format!("{} ok", s.ok));
     if s.unmanaged > 0 {
         parts.push(format!("{} unmanaged", s.unmanaged));
     }
     if plan.current.action == LinkAction::Create {
         parts.push("current link to create".into());
     }
-    let verdict = if plan.has_changes() {
+    // The verdict agrees with the exit code: a failed remote check or drift that breaks the node
+    // fails the plan, whatever else it says.
+    let mut failures = Vec::new();
+    let remote_failed = plan.remote.iter().filter(|r| !r.ok).count();
+    if remote_failed > 0 {
+        failures.push(format!(
+            "{remote_failed} remote check{} failed",
+            plural(remote_failed)
+        ));
+    }
+    let drift_errors = plan.drift.as_ref().map_or(0, |d| {
+        d.findings
+            .iter()
+            .filter(|f| f.severity == crate::drift::Severity::Error)
+            .count()
+    });
+    if drift_errors > 0 {
+        failures.push(format!(
+            "{drift_errors} drift error{}",
+            plural(drift_errors)
+        ));
+    }
+    let verdict = if !failures.is_empty() {
+        c.red(&format!("failed ({})", failures.join(", ")))
+    } else if plan.has_changes() {
         c.yellow("changes pending")
     } else {
         c.green("nothing to do")
@@ -400,6 +456,10 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         parts.join(", ")
     );
     out
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// What apply did (or would do, with --check), one line per action that matters.
@@ -425,12 +485,35 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
                 } else {
                     format!(" ({detail})")
                 };
-                let verb = if a.action == "link" {
-                    "created"
-                } else {
-                    "staged "
+                let verb = match a.action {
+                    "link" => c.green("+ created "),
+                    "adopt" => c.green("= adopted "),
+                    "replace" => c.yellow("~ replaced"),
+                    _ => c.green("+ staged  "),
                 };
-                let _ = writeln!(out, "{} {what}{detail}", c.green(&format!("+ {verb}")));
+                let _ = writeln!(out, "{verb} {what}{detail}");
+                if a.action == "adopt" {
+                    let _ = writeln!(
+                        out,
+                        "    {}",
+                        c.dim("staged without a receipt, and proven to be what the manifest pins: receipt written, nothing replaced")
+                    );
+                }
+                if let Some(r) = &a.replaced {
+                    let was = r
+                        .sha256
+                        .as_ref()
+                        .map(|sha| format!(" (sha256 {sha})"))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "    {}",
+                        c.dim(&format!(
+                            "{}; the file it replaced{was} is kept at {}",
+                            a.reason, r.kept_at
+                        ))
+                    );
+                }
             }
             Status::WouldChange => {
                 changed += 1;
@@ -443,7 +526,12 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
             }
             Status::Failed => {
                 failed += 1;
-                let _ = writeln!(out, "{} {what}", c.red("! failed "));
+                let pinned = match (&a.key, a.line) {
+                    (Some(key), Some(line)) => format!(" (manifest line {line}, {key})"),
+                    (Some(key), None) => format!(" ({key})"),
+                    _ => String::new(),
+                };
+                let _ = writeln!(out, "{} {what}{pinned}", c.red("! failed   "));
                 for line in a.error.as_deref().unwrap_or("unknown error").lines() {
                     let _ = writeln!(out, "    {line}");
                 }
@@ -471,6 +559,44 @@ pub fn apply_human(report: &Report, check: bool, c: Colors) -> String {
         out,
         "{} {changed} {done}, {unchanged} unchanged, {failed} failed: {verdict}.",
         c.bold("Apply:")
+    );
+    out
+}
+
+/// What `cvx prune` removed (or would remove), and the stages it kept on purpose.
+pub fn prune_human(p: &crate::apply::prune::Pruned, c: Colors) -> String {
+    let mut out = String::new();
+    let verb = if p.check {
+        c.yellow("- would remove")
+    } else {
+        c.green("- removed")
+    };
+    for r in &p.removed {
+        let _ = writeln!(
+            out,
+            "{verb} {}  {}",
+            r.path,
+            c.dim(&format!("{}, {}", r.reason, human_size(r.bytes)))
+        );
+    }
+    for k in &p.kept {
+        let _ = writeln!(out, "{} {}  {}", c.dim("= kept"), k.path, k.reason);
+    }
+    let done = if p.check { "to remove" } else { "removed" };
+    let verdict = if p.removed.is_empty() {
+        c.green("nothing to do")
+    } else if p.check {
+        c.yellow("changes pending")
+    } else {
+        c.green("changed")
+    };
+    let _ = writeln!(
+        out,
+        "{} {} {done} ({}), {} kept: {verdict}.",
+        c.bold("Prune:"),
+        p.removed.len(),
+        human_size(p.bytes),
+        p.kept.len()
     );
     out
 }
@@ -682,7 +808,7 @@ pub mod github {
         }
 
         /// 1-based line and column of `key`, or of the deepest part of it that is written.
-        fn locate(&self, key: &ManifestKey) -> Option<(usize, usize)> {
+        pub fn locate(&self, key: &ManifestKey) -> Option<(usize, usize)> {
             let root = self.root.as_ref()?;
             let mut found: Option<Range<usize>> = None;
             let mut value: Option<&Spanned<DeValue<'s>>> = None;
@@ -808,9 +934,12 @@ pub mod github {
         }
         if let Some(drift) = &plan.drift {
             for f in &drift.findings {
-                let (level, title) = match f.severity {
-                    Severity::Error => (Level::Error, "cvx plan --node: drift"),
-                    Severity::Warning => (Level::Warning, "cvx plan --node: stale"),
+                let (level, title) = match (f.severity, drift.trusted) {
+                    (Severity::Error, _) => (Level::Error, "cvx plan --node: drift"),
+                    (Severity::Warning, true) => (Level::Warning, "cvx plan --node: stale"),
+                    (Severity::Warning, false) => {
+                        (Level::Warning, "cvx plan --node: another chain")
+                    }
                 };
                 let at = f.key.as_ref().and_then(|k| manifest.locate(k));
                 command(
@@ -819,7 +948,11 @@ pub mod github {
                     file,
                     at,
                     title,
-                    &format!("upgrade {}: {}", f.upgrade, f.message),
+                    &if f.upgrade.is_empty() {
+                        f.message.clone()
+                    } else {
+                        format!("upgrade {}: {}", f.upgrade, f.message)
+                    },
                 );
             }
         }

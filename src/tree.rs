@@ -48,6 +48,14 @@ impl Layout {
     pub fn upgrade_info(&self) -> PathBuf {
         self.home.join("data").join("upgrade-info.json")
     }
+    /// Files kept aside when replaced: `.cvx/replaced/<stage>/bin/<name>.<time>`.
+    pub fn replaced(&self) -> PathBuf {
+        self.cvx().join("replaced")
+    }
+    /// Whom what cvx creates here belongs to, when cvx runs as root on another user's home.
+    pub fn owner(&self) -> Option<crate::owner::Owner> {
+        crate::owner::Owner::of_home(&self.home)
+    }
 }
 
 /// The tree-relative directory of a stage: `genesis` or `upgrades/<dir>`.
@@ -267,13 +275,7 @@ fn read_err(path: &Path) -> impl FnOnce(io::Error) -> TreeError + '_ {
 pub fn inspect(layout: &Layout, options: &InspectOptions) -> Result<Tree, TreeError> {
     let root = layout.root();
     let mut tree = Tree::empty(Some(root.clone()));
-    tree.upgrade_info = match fs::read(layout.upgrade_info()) {
-        Ok(bytes) => parse_upgrade_info(&bytes),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => UpgradeInfo::Missing,
-        Err(e) => UpgradeInfo::Invalid {
-            error: format!("cannot read {}: {e}", layout.upgrade_info().display()),
-        },
-    };
+    tree.upgrade_info = inspect_upgrade_info(layout);
     if !root.exists() {
         return Ok(tree);
     }
@@ -365,6 +367,17 @@ pub fn inspect(layout: &Layout, options: &InspectOptions) -> Result<Tree, TreeEr
         }
     }
     Ok(tree)
+}
+
+/// `data/upgrade-info.json` as found, in whatever state.
+pub fn inspect_upgrade_info(layout: &Layout) -> UpgradeInfo {
+    match fs::read(layout.upgrade_info()) {
+        Ok(bytes) => parse_upgrade_info(&bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => UpgradeInfo::Missing,
+        Err(e) => UpgradeInfo::Invalid {
+            error: format!("cannot read {}: {e}", layout.upgrade_info().display()),
+        },
+    }
 }
 
 /// Whether a receipt still vouches for the file: same identity, and written after the file's
@@ -509,7 +522,7 @@ mod tests {
             member: None,
             identity: FileIdentity::of(&meta),
         };
-        receipt::write(&layout.receipts(), &receipt).unwrap();
+        receipt::write(&layout.receipts(), &receipt, None).unwrap();
         let options = InspectOptions {
             verify: false,
             managed: [GENESIS.to_string()].into(),

@@ -50,6 +50,8 @@ pub struct FetchOptions {
     pub retries: u32,
     /// Delay before the first retry; it doubles on each further one, up to 30s.
     pub backoff: Duration,
+    /// Whom partial downloads belong to (the home's owner, when cvx runs as root).
+    pub owner: Option<crate::owner::Owner>,
 }
 
 impl Default for FetchOptions {
@@ -60,6 +62,7 @@ impl Default for FetchOptions {
             max_size: 4 << 30,
             retries: 4,
             backoff: Duration::from_millis(500),
+            owner: None,
         }
     }
 }
@@ -253,9 +256,9 @@ pub async fn fetch(
 ) -> Result<Fetched, FetchError> {
     let expected = normalize_sha256(source, expected_sha256)?;
     let origin = Origin::parse(source)?;
-    let part = Partial::new(source, partial_dir, &expected);
-    fs::create_dir_all(partial_dir)
-        .await
+    let mut part = Partial::new(source, partial_dir, &expected);
+    part.owner = opts.owner;
+    crate::owner::create_dir_all(opts.owner, partial_dir)
         .map_err(|e| part.io("create", partial_dir, e))?;
 
     let held = part.inspect(&expected, opts.max_size).await?;
@@ -386,6 +389,7 @@ struct Partial {
     url: String,
     path: PathBuf,
     sidecar: PathBuf,
+    owner: Option<crate::owner::Owner>,
 }
 
 impl Partial {
@@ -394,6 +398,7 @@ impl Partial {
             url: url.to_owned(),
             path: dir.join(format!("{sha}.part")),
             sidecar: dir.join(format!("{sha}.part.json")),
+            owner: None,
         }
     }
 
@@ -474,14 +479,17 @@ impl Partial {
     }
 
     async fn open(&self) -> Result<File, FetchError> {
-        OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&self.path)
             .await
-            .map_err(|e| self.io("open", &self.path, e))
+            .map_err(|e| self.io("open", &self.path, e))?;
+        crate::owner::give_file(self.owner, &file)
+            .map_err(|e| self.io("set the owner of", &self.path, e))?;
+        Ok(file)
     }
 
     /// Cut the file to `len` bytes and position writes there.
@@ -503,7 +511,9 @@ impl Partial {
         let json = serde_json::to_vec(&sidecar).expect("sidecar serializes");
         fs::write(&self.sidecar, json)
             .await
-            .map_err(|e| self.io("write", &self.sidecar, e))
+            .map_err(|e| self.io("write", &self.sidecar, e))?;
+        crate::owner::give(self.owner, &self.sidecar)
+            .map_err(|e| self.io("set the owner of", &self.sidecar, e))
     }
 
     async fn remove_sidecar(&self) -> Result<(), FetchError> {

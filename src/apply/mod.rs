@@ -4,6 +4,7 @@
 
 pub mod fetch;
 pub mod install;
+pub mod prune;
 pub mod unpack;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::plan::{ArtifactAction, ArtifactKind, ArtifactPlan, LinkAction, Plan, StagePlan};
+use crate::plan::{
+    ArtifactAction, ArtifactKind, ArtifactPlan, ArtifactState, LinkAction, Plan, StagePlan,
+};
 use crate::receipt::{self, FileIdentity, Receipt};
 use crate::render::error_chain;
 use crate::tree::Layout;
@@ -71,10 +74,16 @@ pub enum Status {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Action {
-    /// fetch, replace, ok (artifacts) or link (the `current` link).
+    /// fetch, replace, adopt, ok (artifacts) or link (the `current` link).
     pub action: &'static str,
     /// Relative to `$DAEMON_HOME/cosmovisor`.
     pub destination: String,
+    /// Where the manifest pins the artifact, e.g. `upgrade[0].binary."linux/amd64"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<crate::plan::ManifestKey>,
+    /// The manifest's line for `key` (filled by the command, which has the manifest's text).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub line: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +99,19 @@ pub struct Action {
     /// The download continued bytes kept from an interrupted run.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub resumed: bool,
+    /// The file this action replaced, and where it is kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replaced: Option<Replaced>,
+}
+
+/// A file apply replaced: what it was, and where it is kept (nothing is deleted).
+#[derive(Debug, Clone, Serialize)]
+pub struct Replaced {
+    /// Its sha256, as the plan found it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Relative to `$DAEMON_HOME/cosmovisor`: `.cvx/replaced/<stage>/bin/<name>.<time>`.
+    pub kept_at: String,
 }
 
 impl Report {
@@ -134,6 +156,8 @@ pub enum ApplyError {
     },
     #[error(transparent)]
     Client(#[from] FetchError),
+    #[error(transparent)]
+    Prune(#[from] prune::PruneError),
 }
 
 fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ApplyError {
@@ -157,6 +181,7 @@ pub enum Role {
     Apply,
     Run,
     Rollback,
+    Prune,
 }
 
 /// Who holds the lock.
@@ -172,6 +197,7 @@ impl std::fmt::Display for Holder {
             Role::Apply => write!(f, "another cvx apply (pid {})", self.pid),
             Role::Run => write!(f, "cvx run (pid {}), upgrading the node", self.pid),
             Role::Rollback => write!(f, "cvx rollback (pid {})", self.pid),
+            Role::Prune => write!(f, "cvx prune (pid {})", self.pid),
         }
     }
 }
@@ -179,7 +205,8 @@ impl std::fmt::Display for Holder {
 /// Take the tree's lock, waiting up to `timeout` (saying so) while another cvx holds it.
 pub fn lock(layout: &Layout, timeout: Duration, role: Role) -> Result<TreeLock, ApplyError> {
     let cvx = layout.cvx();
-    fs::create_dir_all(&cvx).map_err(io_err("create directory", &cvx))?;
+    let owner = layout.owner();
+    crate::owner::create_dir_all(owner, &cvx).map_err(io_err("create directory", &cvx))?;
     let path = layout.lock();
     let mut file = fs::OpenOptions::new()
         .read(true)
@@ -188,6 +215,8 @@ pub fn lock(layout: &Layout, timeout: Duration, role: Role) -> Result<TreeLock, 
         .truncate(false)
         .open(&path)
         .map_err(io_err("open lock file", &path))?;
+    // `cvx run`, as the home's owner, takes the same lock at the upgrade height.
+    crate::owner::give_file(owner, &file).map_err(io_err("set the owner of", &path))?;
     let start = Instant::now();
     let mut said = false;
     loop {
@@ -225,6 +254,7 @@ pub fn lock(layout: &Layout, timeout: Duration, role: Role) -> Result<TreeLock, 
         Role::Apply => "apply",
         Role::Run => "run",
         Role::Rollback => "rollback",
+        Role::Prune => "prune",
     };
     file.set_len(0).map_err(io_err("write", &path))?;
     file.rewind().map_err(io_err("write", &path))?;
@@ -241,6 +271,7 @@ fn read_holder(file: &mut File) -> Option<Holder> {
     let role = match words.next() {
         Some("run") => Role::Run,
         Some("rollback") => Role::Rollback,
+        Some("prune") => Role::Prune,
         _ => Role::Apply,
     };
     Some(Holder { pid, role })
@@ -293,9 +324,12 @@ fn artifact_actions(
             action: match a.action {
                 ArtifactAction::Fetch => "fetch",
                 ArtifactAction::Replace => "replace",
+                ArtifactAction::Adopt => "adopt",
                 ArtifactAction::Ok => "ok",
             },
             destination: a.destination.clone(),
+            key: Some(a.key.clone()),
+            line: None,
             url: Some(a.url.clone()),
             sha256: Some(a.sha256.clone()),
             status: status(a),
@@ -303,6 +337,7 @@ fn artifact_actions(
             error: None,
             size: None,
             resumed: false,
+            replaced: None,
         })
         .collect()
 }
@@ -311,6 +346,8 @@ fn link_action(plan: &Plan, status: Status, error: Option<String>) -> Action {
     Action {
         action: "link",
         destination: "current".into(),
+        key: None,
+        line: None,
         url: None,
         sha256: None,
         status,
@@ -318,6 +355,7 @@ fn link_action(plan: &Plan, status: Status, error: Option<String>) -> Action {
         error,
         size: None,
         resumed: false,
+        replaced: None,
     }
 }
 
@@ -325,9 +363,26 @@ fn link_action(plan: &Plan, status: Status, error: Option<String>) -> Action {
 #[derive(Debug, Clone)]
 struct Target {
     index: usize,
+    kind: ArtifactKind,
     destination: String,
     member: Option<String>,
     mode: u32,
+    /// Staged without a receipt: compare with the member before replacing anything.
+    adopt: bool,
+    /// A file found different may be replaced (not `current`'s stage, or `--force`).
+    may_replace: bool,
+    /// The sha256 of what is staged there now, as the plan found it.
+    staged_sha256: Option<String>,
+}
+
+/// How one target ended.
+#[derive(Debug)]
+struct Done {
+    size: u64,
+    resumed: bool,
+    /// Adopted as planned, but the file was not the member and was replaced.
+    differed: Option<String>,
+    replaced: Option<PathBuf>,
 }
 
 /// Execute `plan` in the tree at `layout`. The caller holds the lock and computed the plan under it.
@@ -338,12 +393,21 @@ pub async fn execute(
     reporter: Arc<dyn Reporter>,
 ) -> Result<Report, ApplyError> {
     let root = layout.root();
-    fs::create_dir_all(&root).map_err(io_err("create directory", &root))?;
-    let client = fetch::client(&options.fetch)?;
+    let owner = layout.owner();
+    crate::owner::create_dir_all(owner, &root).map_err(io_err("create directory", &root))?;
+    // Made here so a download's partial file is in a directory the home's owner can write.
+    crate::owner::create_dir_all(owner, &layout.partial())
+        .map_err(io_err("create directory", layout.partial()))?;
+    let fetch_options = FetchOptions {
+        owner,
+        ..options.fetch.clone()
+    };
+    let client = fetch::client(&fetch_options)?;
     let mut actions = artifact_actions(plan, |_| Status::Unchanged);
 
     // Group the work by pin: the same bytes are fetched once, wherever they go.
     let mut groups: BTreeMap<String, (String, Vec<Target>)> = BTreeMap::new();
+    let mut matching = Vec::new();
     for (index, (stage, artifact)) in artifacts(plan).enumerate() {
         if artifact.action == ArtifactAction::Ok {
             continue;
@@ -351,6 +415,11 @@ pub async fn execute(
         if let Some(refusal) = refusal(stage, artifact, options.force) {
             actions[index].status = Status::Failed;
             actions[index].error = Some(refusal);
+            continue;
+        }
+        // Its sha256 already matches the pin: nothing to fetch to prove it.
+        if artifact.action == ArtifactAction::Adopt && artifact.state == ArtifactState::Ok {
+            matching.push((index, artifact.clone()));
             continue;
         }
         let mode = match artifact.kind {
@@ -363,20 +432,37 @@ pub async fn execute(
             .1
             .push(Target {
                 index,
+                kind: artifact.kind,
                 destination: artifact.destination.clone(),
                 member: artifact.member.clone(),
                 mode,
+                adopt: artifact.action == ArtifactAction::Adopt,
+                may_replace: !stage.current || options.force,
+                staged_sha256: artifact.staged_sha256.clone(),
             });
     }
 
     let semaphore = Arc::new(tokio::sync::Semaphore::new(options.jobs.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
+    // Adoptions that need no download: hashed again while the downloads run.
+    for (index, artifact) in matching {
+        let layout = layout.clone();
+        tasks.spawn_blocking(move || {
+            let done = adopt_matching(&layout, &artifact).map(|size| Done {
+                size,
+                resumed: false,
+                differed: None,
+                replaced: None,
+            });
+            vec![(index, done)]
+        });
+    }
     for (sha256, (url, targets)) in groups {
         let client = client.clone();
         let semaphore = semaphore.clone();
         let layout = layout.clone();
         let daemon = plan.daemon.clone();
-        let fetch_options = options.fetch.clone();
+        let fetch_options = fetch_options.clone();
         let reporter = reporter.clone();
         tasks.spawn(async move {
             let _permit = semaphore
@@ -417,17 +503,32 @@ pub async fn execute(
             }
         });
     }
+    let root_prefix = root.clone();
     while let Some(joined) = tasks.join_next().await {
         for (index, result) in joined.expect("apply tasks do not panic") {
+            let action = &mut actions[index];
             match result {
-                Ok((size, resumed)) => {
-                    actions[index].status = Status::Changed;
-                    actions[index].size = Some(size);
-                    actions[index].resumed = resumed;
+                Ok(done) => {
+                    action.status = Status::Changed;
+                    action.size = Some(done.size);
+                    action.resumed = done.resumed;
+                    // Planned as an adoption, but not the pinned archive's member: replaced.
+                    if let Some(reason) = done.differed {
+                        action.action = "replace";
+                        action.reason = reason;
+                    }
+                    action.replaced = done.replaced.map(|kept| Replaced {
+                        sha256: plan_artifact(plan, index).staged_sha256.clone(),
+                        kept_at: kept
+                            .strip_prefix(&root_prefix)
+                            .unwrap_or(&kept)
+                            .display()
+                            .to_string(),
+                    });
                 }
                 Err(message) => {
-                    actions[index].status = Status::Failed;
-                    actions[index].error = Some(message);
+                    action.status = Status::Failed;
+                    action.error = Some(message);
                 }
             }
         }
@@ -458,7 +559,42 @@ pub async fn execute(
     Ok(Report::from_actions(actions))
 }
 
-type TargetResult = (usize, Result<(u64, bool), String>);
+type TargetResult = (usize, Result<Done, String>);
+
+/// The `index`-th artifact of the plan, in the order of the report's actions.
+fn plan_artifact(plan: &Plan, index: usize) -> &ArtifactPlan {
+    artifacts(plan)
+        .nth(index)
+        .map(|(_, a)| a)
+        .expect("actions follow the plan's artifacts")
+}
+
+/// Adopt a file staged without a receipt whose sha256 the plan found equal to the pin: hash it
+/// again (it must still match, and not change while read) and write its receipt. Returns its
+/// size; errors as one line.
+fn adopt_matching(layout: &Layout, artifact: &ArtifactPlan) -> Result<u64, String> {
+    let path = layout.root().join(&artifact.destination);
+    let (sha256, identity) = install::hash_unchanged(&path).map_err(|e| error_chain(&e))?;
+    if sha256 != artifact.sha256 {
+        return Err(format!(
+            "{} changed since it was planned: sha256 {sha256}, the pin is {}",
+            artifact.destination, artifact.sha256
+        ));
+    }
+    let receipt = Receipt {
+        path: artifact.destination.clone(),
+        sha256,
+        size: identity.size,
+        source_url: artifact.url.clone(),
+        source_sha256: artifact.sha256.clone(),
+        member: None,
+        identity,
+    };
+    receipt::write(&layout.receipts(), &receipt, layout.owner())
+        .map_err(|e| format!("cannot write the receipt of {}: {e}", artifact.destination))?;
+    tracing::info!("adopted {}: its sha256 is the pin", artifact.destination);
+    Ok(identity.size)
+}
 
 /// Install a verified download at each of its destinations, with receipts; then drop it.
 fn install_all(
@@ -482,8 +618,11 @@ fn install_all(
                 mode: target.mode,
                 max_size,
             };
-            let result = stage(layout, &fetched.path, &staged, targets.len() == 1)
-                .map(|size| (size, fetched.resumed));
+            let result = stage_target(layout, &fetched.path, &staged, target, targets.len() == 1)
+                .map(|mut done| {
+                    done.resumed = fetched.resumed;
+                    done
+                });
             (target.index, result)
         })
         .collect();
@@ -494,6 +633,122 @@ fn install_all(
         tracing::warn!("cannot remove {}: {e}", fetched.path.display());
     }
     results
+}
+
+/// One target of a download: a library archive must name its member; a file staged without a
+/// receipt is compared before anything is replaced; anything else is staged.
+fn stage_target(
+    layout: &Layout,
+    file: &Path,
+    staging: &Staging<'_>,
+    target: &Target,
+    consume: bool,
+) -> Result<Done, String> {
+    if target.kind == ArtifactKind::Library && target.member.is_none() {
+        let archive = unpack::detect(file, staging.url)
+            .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        if archive.is_some() {
+            return Err(format!(
+                "{} is an archive, and the library entry names no member in it: add path = \"lib/<the library's file>\" to it in the manifest (the daemon binary is not a library)",
+                staging.url
+            ));
+        }
+    }
+    if !target.adopt {
+        return stage_with(layout, file, staging, consume).map(|installed| Done {
+            size: installed.size,
+            resumed: false,
+            differed: None,
+            replaced: installed.replaced,
+        });
+    }
+    let (dest_path, aside) = destination(layout, staging.destination);
+    let dest = install::Dest {
+        path: &dest_path,
+        mode: staging.mode,
+        aside: &aside,
+        owner: layout.owner(),
+    };
+    let source = source(file, staging, false);
+    receipt::remove(&layout.receipts(), staging.destination).map_err(|e| {
+        format!(
+            "cannot remove the old receipt of {}: {e}",
+            staging.destination
+        )
+    })?;
+    let adoption =
+        install::adopt(&source, &dest, target.may_replace).map_err(|e| error_chain(&e))?;
+    let what = match &staging.member {
+        Some(member) => format!("member {member} of {}", staging.url),
+        None => format!("the pinned archive {}", staging.url),
+    };
+    match adoption {
+        install::Adoption::Same {
+            installed,
+            identity,
+        } => {
+            let size = installed.size;
+            let receipt = Receipt {
+                path: staging.destination.to_string(),
+                sha256: installed.sha256,
+                size,
+                source_url: staging.url.to_string(),
+                source_sha256: staging.sha256.to_string(),
+                member: installed.member,
+                identity,
+            };
+            receipt::write(&layout.receipts(), &receipt, layout.owner())
+                .map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
+            tracing::info!("adopted {}: it is {what}", staging.destination);
+            Ok(Done {
+                size,
+                resumed: false,
+                differed: None,
+                replaced: None,
+            })
+        }
+        install::Adoption::Replaced(installed) => {
+            let size = installed.size;
+            let differed = format!(
+                "staged without a receipt and not {what} (sha256 {}, the member's {})",
+                target.staged_sha256.as_deref().unwrap_or("unknown"),
+                installed.sha256
+            );
+            let replaced = installed.replaced.clone();
+            write_receipt(layout, staging.destination, installed, staging)
+                .map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
+            tracing::info!("staged {} from {}", staging.destination, staging.url);
+            Ok(Done {
+                size,
+                resumed: false,
+                differed: Some(differed),
+                replaced,
+            })
+        }
+        install::Adoption::Differs { staged, expected } => Err(format!(
+            "{} (sha256 {staged}) is not {what} (sha256 {expected}), and current points to its stage: cvx does not replace the binary a node may be running without --force",
+            staging.destination
+        )),
+    }
+}
+
+/// The absolute path of `rel` (relative to `$DAEMON_HOME/cosmovisor`) and the directory a file
+/// it replaces is kept in: `.cvx/replaced/<rel's directory>`, named by stage.
+fn destination(layout: &Layout, rel: &str) -> (PathBuf, PathBuf) {
+    let parent = Path::new(rel).parent().unwrap_or(Path::new(""));
+    (layout.root().join(rel), layout.replaced().join(parent))
+}
+
+fn source<'a>(file: &'a Path, staging: &Staging<'a>, consume: bool) -> install::Source<'a> {
+    install::Source {
+        file,
+        url: staging.url,
+        sha256: staging.sha256,
+        member: staging.member,
+        daemon: staging.daemon,
+        max_size: staging.max_size,
+        consume,
+    }
 }
 
 /// One verified artifact to put at one place in the tree.
@@ -518,16 +773,22 @@ pub fn stage(
     staging: &Staging<'_>,
     consume: bool,
 ) -> Result<u64, String> {
+    stage_with(layout, file, staging, consume).map(|installed| installed.size)
+}
+
+fn stage_with(
+    layout: &Layout,
+    file: &std::path::Path,
+    staging: &Staging<'_>,
+    consume: bool,
+) -> Result<install::Installed, String> {
     let receipts = layout.receipts();
-    let dest = layout.root().join(staging.destination);
-    let source = install::Source {
-        file,
-        url: staging.url,
-        sha256: staging.sha256,
-        member: staging.member,
-        daemon: staging.daemon,
-        max_size: staging.max_size,
-        consume,
+    let (dest_path, aside) = destination(layout, staging.destination);
+    let dest = install::Dest {
+        path: &dest_path,
+        mode: staging.mode,
+        aside: &aside,
+        owner: layout.owner(),
     };
     receipt::remove(&receipts, staging.destination).map_err(|e| {
         format!(
@@ -535,13 +796,20 @@ pub fn stage(
             staging.destination
         )
     })?;
-    let installed = install::install(&source, &dest, staging.mode, &layout.cvx().join("replaced"))
-        .map_err(|e| error_chain(&e))?;
-    let size = installed.size;
-    write_receipt(layout, staging.destination, installed, staging)
+    let installed =
+        install::install(&source(file, staging, consume), &dest).map_err(|e| error_chain(&e))?;
+    write_receipt(layout, staging.destination, installed.clone(), staging)
         .map_err(|e| format!("cannot write the receipt of {}: {e}", staging.destination))?;
-    tracing::info!("staged {} from {}", staging.destination, staging.url);
-    Ok(size)
+    match &installed.replaced {
+        Some(kept) => tracing::info!(
+            "staged {} from {}; the file it replaced is kept at {}",
+            staging.destination,
+            staging.url,
+            kept.display()
+        ),
+        None => tracing::info!("staged {} from {}", staging.destination, staging.url),
+    }
+    Ok(installed)
 }
 
 /// Record what was just installed at `rel` (relative to `$DAEMON_HOME/cosmovisor`) from the
@@ -562,7 +830,7 @@ fn write_receipt(
         member: installed.member,
         identity: FileIdentity::of(&meta),
     };
-    receipt::write(&layout.receipts(), &receipt)
+    receipt::write(&layout.receipts(), &receipt, layout.owner())
 }
 
 /// Unpack the verified archive `file` whole into `stage_dir` (`upgrades/<dir>`), as Cosmovisor
@@ -598,8 +866,7 @@ pub fn stage_archive_tree(
         stage(layout, file, &binary, true)?;
         return Ok(vec![bin]);
     };
-    let root = layout.root().join(stage_dir);
-    let aside = layout.cvx().join("replaced");
+    let owner = layout.owner();
     let mut staged = Vec::new();
     let unpacked = unpack::unpack_tree(
         file,
@@ -619,30 +886,46 @@ pub fn stage_archive_tree(
                         install::BINARY_MODE
                     };
                     let daemon = member.daemon;
-                    let dest = root.join(&name);
                     let rel = format!("{stage_dir}/{name}");
+                    let (dest, aside) = destination(layout, &rel);
                     forget(layout, &rel)?;
-                    let extracted =
-                        install::write_new(&dest, mode, &aside, |tmp, _| Ok(member.copy_to(tmp)?))?;
+                    let (extracted, replaced) = install::write_new(
+                        &install::Dest {
+                            path: &dest,
+                            mode,
+                            aside: &aside,
+                            owner,
+                        },
+                        |tmp, _| Ok(member.copy_to(tmp)?),
+                    )?;
                     sync_parent(&dest)?;
                     let installed = install::Installed {
                         sha256: extracted.sha256,
                         size: extracted.size,
                         member: Some(extracted.member),
+                        replaced,
                     };
                     record(layout, &rel, installed.clone(), staging)?;
                     let elsewhere = rel != bin;
                     staged.push(rel);
                     if daemon && elsewhere {
-                        copy_daemon(layout, &dest, &bin, installed, staging, &aside)?;
+                        copy_daemon(layout, &dest, &bin, installed, staging)?;
                         staged.push(bin.clone());
                     }
                 }
                 TreeEntry::Symlink { name, target } => {
-                    let dest = root.join(name);
                     let rel = format!("{stage_dir}/{name}");
+                    let (dest, aside) = destination(layout, &rel);
                     forget(layout, &rel)?;
-                    install::replace_symlink(target, &dest, &aside)?;
+                    install::replace_symlink(
+                        target,
+                        &install::Dest {
+                            path: &dest,
+                            mode: install::LIBRARY_MODE,
+                            aside: &aside,
+                            owner,
+                        },
+                    )?;
                     sync_parent(&dest)?;
                     staged.push(rel);
                 }
@@ -698,11 +981,16 @@ fn copy_daemon(
     bin: &str,
     installed: install::Installed,
     staging: &Staging<'_>,
-    aside: &Path,
 ) -> Result<(), InstallError> {
-    let dest = layout.root().join(bin);
+    let (dest, aside) = destination(layout, bin);
     forget(layout, bin)?;
-    install::write_new(&dest, install::BINARY_MODE, aside, |tmp, path| {
+    let target = install::Dest {
+        path: &dest,
+        mode: install::BINARY_MODE,
+        aside: &aside,
+        owner: layout.owner(),
+    };
+    install::write_new(&target, |tmp, path| {
         let source = File::open(from).map_err(|source| InstallError::Io {
             action: "read",
             path: from.to_path_buf(),

@@ -15,7 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use read::parse;
-pub(crate) use read::{parse_version, unsafe_name, valid_platform};
+pub(crate) use read::{parse_version, strip_sha256_prefix, unsafe_name, valid_platform};
 
 /// A manifest as validated: the public key names of DESIGN §2, exactly.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -119,24 +119,28 @@ impl Trigger {
 pub struct Artifact {
     /// https:// (preferred), http://, file:// or an absolute path.
     pub url: String,
-    /// The sha256 of what `url` serves, 64 hex digits.
-    #[schemars(regex(pattern = r"^[0-9a-fA-F]{64}$"))]
+    /// The sha256 of what `url` serves, 64 hex digits (a `sha256:` prefix is accepted).
+    #[schemars(regex(pattern = r"^(sha256:)?[0-9a-fA-F]{64}$"))]
     pub sha256: String,
     /// For archives: the member to install.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
 }
 
-/// A shared library staged next to the binary, in `lib/`.
+/// A shared library staged next to the binary, in `lib/`: a plain file, or a member of an archive
+/// (often the same archive, pinned once, that holds the binary).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Library {
     /// https:// (preferred), http://, file:// or an absolute path.
     pub url: String,
-    /// The sha256 of what `url` serves, 64 hex digits.
-    #[schemars(regex(pattern = r"^[0-9a-fA-F]{64}$"))]
+    /// The sha256 of what `url` serves, 64 hex digits (a `sha256:` prefix is accepted).
+    #[schemars(regex(pattern = r"^(sha256:)?[0-9a-fA-F]{64}$"))]
     pub sha256: String,
-    /// The file name in `lib/`; defaults to the last segment of the URL's path.
+    /// For archives (required there): the member to install, e.g. "lib/libwasmvm.x86_64.so".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The file name in `lib/`; defaults to the last segment of `path`, else of the URL's path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
 }
@@ -144,11 +148,22 @@ pub struct Library {
 impl Library {
     /// The file name this library is staged under. Validation guarantees it exists.
     pub fn file_name(&self) -> &str {
-        match &self.name {
-            Some(name) => name,
-            None => url_file_name(&self.url).unwrap_or_default(),
+        match (&self.name, &self.path) {
+            (Some(name), _) => name,
+            (None, Some(path)) => path.rsplit('/').next().unwrap_or_default(),
+            (None, None) => url_file_name(&self.url).unwrap_or_default(),
         }
     }
+}
+
+/// Whether `url` names an archive cvx unpacks (`.tar.gz`, `.zip`, ...), by its file name.
+pub fn is_archive_url(url: &str) -> bool {
+    let name = url_file_name(url).unwrap_or_default().to_ascii_lowercase();
+    [
+        ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
+    ]
+    .iter()
+    .any(|ext| name.ends_with(ext))
 }
 
 /// The last segment of a URL's or path's path, without query or fragment.

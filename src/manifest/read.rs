@@ -8,7 +8,8 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::{
-    Artifact, Chain, Genesis, Library, Manifest, Problem, Trigger, Upgrade, url_file_name,
+    Artifact, Chain, Genesis, Library, Manifest, Problem, Trigger, Upgrade, is_archive_url,
+    url_file_name,
 };
 
 type Span = Range<usize>;
@@ -18,7 +19,7 @@ const CHAIN_KEYS: &[&str] = &["id", "daemon", "home", "platforms"];
 const GENESIS_KEYS: &[&str] = &["version", "binary", "library"];
 const UPGRADE_KEYS: &[&str] = &["name", "height", "version", "trigger", "binary", "library"];
 const ARTIFACT_KEYS: &[&str] = &["url", "sha256", "path"];
-const LIBRARY_KEYS: &[&str] = &["url", "sha256", "name"];
+const LIBRARY_KEYS: &[&str] = &["url", "sha256", "path", "name"];
 
 /// Validate manifest text. Ok carries the manifest and its warnings; Err every problem found.
 pub fn parse(source: &str) -> Result<(Manifest, Vec<Problem>), Vec<Problem>> {
@@ -123,6 +124,8 @@ fn distance(a: &str, b: &str) -> usize {
     row[b.len()]
 }
 
+const WHITESPACE: &str = "starts or ends with whitespace";
+
 /// Why a name cannot be a directory or file name inside the tree, if it cannot.
 pub(crate) fn unsafe_name(name: &str) -> Option<&'static str> {
     if name.is_empty() {
@@ -133,8 +136,18 @@ pub(crate) fn unsafe_name(name: &str) -> Option<&'static str> {
         Some("contains a path separator")
     } else if name.contains('\0') {
         Some("contains a NUL byte")
+    } else if name.trim() != name {
+        Some(WHITESPACE)
     } else {
         None
+    }
+}
+
+/// A pin without its optional `sha256:` prefix (any case), as release pages write it.
+pub(crate) fn strip_sha256_prefix(pin: &str) -> &str {
+    match pin.get(..7) {
+        Some(prefix) if prefix.eq_ignore_ascii_case("sha256:") => &pin[7..],
+        _ => pin,
     }
 }
 
@@ -342,15 +355,25 @@ impl<'s> Walker<'s> {
             "id",
             Some("set id to the chain-id, e.g. id = \"osmosis-1\""),
         );
-        if let Some((id, span)) = &id
-            && id.trim().is_empty()
-        {
-            self.error(
-                span.clone(),
-                "chain.id",
-                "chain id is empty",
-                Some("set the chain-id, e.g. \"osmosis-1\"".into()),
-            );
+        if let Some((id, span)) = &id {
+            if id.trim().is_empty() {
+                self.error(
+                    span.clone(),
+                    "chain.id",
+                    "chain id is empty",
+                    Some("set the chain-id, e.g. \"osmosis-1\"".into()),
+                );
+            } else if id.trim() != id {
+                self.error(
+                    span.clone(),
+                    "chain.id",
+                    format!("chain id {id:?} {WHITESPACE}"),
+                    Some(format!(
+                        "write {:?}: nodes report the chain-id without spaces",
+                        id.trim()
+                    )),
+                );
+            }
         }
         let daemon = self.string(
             table,
@@ -361,11 +384,19 @@ impl<'s> Walker<'s> {
         if let Some((daemon, span)) = &daemon
             && let Some(why) = unsafe_name(daemon)
         {
+            let hint = if why == WHITESPACE {
+                format!(
+                    "write {:?}: the daemon's file name has no surrounding spaces",
+                    daemon.trim()
+                )
+            } else {
+                "use the binary's file name, e.g. \"osmosisd\"".into()
+            };
             self.error(
                 span.clone(),
                 "chain.daemon",
                 format!("daemon name {daemon:?} {why}"),
-                Some("use the binary's file name, e.g. \"osmosisd\"".into()),
+                Some(hint),
             );
         }
         let home = self.string(table, at, "home", None);
@@ -536,11 +567,19 @@ impl<'s> Walker<'s> {
         if let Some((name, span)) = &name
             && let Some(why) = unsafe_name(name)
         {
+            let hint = if why == WHITESPACE {
+                format!(
+                    "write {:?}: the node looks for the plan's name exactly, and governance names have no surrounding spaces",
+                    name.trim()
+                )
+            } else {
+                "use the on-chain plan name; it becomes the directory upgrades/<name>".into()
+            };
             self.error(
                 span.clone(),
                 &at.child("name", 0..0).key,
                 format!("upgrade name {name:?} {why}"),
-                Some("use the on-chain plan name; it becomes the directory upgrades/<name>".into()),
+                Some(hint),
             );
         }
         let height = match lookup(table, "height") {
@@ -681,22 +720,34 @@ impl<'s> Walker<'s> {
         self.known_keys(table, at, ARTIFACT_KEYS);
         let url = self.url(table, at);
         let sha256 = self.sha256(table, at);
-        let path = self.string(table, at, "path", None);
-        if let Some((path, span)) = &path
-            && (path.is_empty() || path.starts_with('/') || path.split('/').any(|c| c == ".."))
-        {
-            self.error(
-                span.clone(),
-                &at.child("path", 0..0).key,
-                format!("archive member {path:?} is not a relative path inside the archive"),
-                Some("name the member as the archive lists it, e.g. \"bin/osmosisd\"".into()),
-            );
-        }
+        let path = self.member(table, at, "bin/osmosisd");
         Artifact {
             url: url.unwrap_or_default(),
             sha256: sha256.unwrap_or_default(),
             path: path.map(|p| p.0),
         }
+    }
+
+    /// `path`: an archive's member, relative and inside it. `example` shows a good one.
+    fn member(&mut self, table: &DeTable<'_>, at: &At, example: &str) -> Option<(String, Span)> {
+        let path = self.string(table, at, "path", None);
+        if let Some((path, span)) = &path
+            && (path.is_empty()
+                || path.starts_with('/')
+                || path.ends_with('/')
+                || path.split('/').any(|c| c == ".."))
+        {
+            self.error(
+                span.clone(),
+                &at.child("path", 0..0).key,
+                format!("archive member {path:?} is not a relative path inside the archive"),
+                Some(format!(
+                    "name the member as the archive lists it, e.g. \"{example}\""
+                )),
+            );
+            return None;
+        }
+        path
     }
 
     fn url(&mut self, table: &DeTable<'_>, at: &At) -> Option<String> {
@@ -759,8 +810,10 @@ impl<'s> Walker<'s> {
             "sha256",
             Some("pin the artifact: run `cvx pin -m MANIFEST` (it downloads the artifact and pins what it serves), or write sha256 = \"<64 hex digits>\" (sha256sum FILE)"),
         )?;
-        if sha.len() == 64 && sha.chars().all(|c| c.is_ascii_hexdigit()) {
-            Some(sha.to_ascii_lowercase())
+        // `sha256:HEX`, as release pages and `?checksum=` parameters write it, is the same pin.
+        let hex = strip_sha256_prefix(&sha);
+        if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            Some(hex.to_ascii_lowercase())
         } else if sha.is_empty() {
             self.error(
                 span,
@@ -774,8 +827,13 @@ impl<'s> Walker<'s> {
                 span,
                 &at.child("sha256", 0..0).key,
                 format!(
-                    "sha256 {sha:?} is not 64 hex digits ({} characters)",
-                    sha.chars().count()
+                    "sha256 {sha:?} is not 64 hex digits ({} characters{})",
+                    hex.chars().count(),
+                    if hex.len() == sha.len() {
+                        ""
+                    } else {
+                        " after `sha256:`"
+                    }
                 ),
                 Some("paste the full digest that `sha256sum FILE` prints".into()),
             );
@@ -833,11 +891,27 @@ impl<'s> Walker<'s> {
                 self.known_keys(t, &item_at, LIBRARY_KEYS);
                 let url = self.url(t, &item_at);
                 let sha256 = self.sha256(t, &item_at);
+                let path = self.member(t, &item_at, "lib/libwasmvm.x86_64.so");
                 let name = self.string(t, &item_at, "name", None);
-                let file_name = match (&name, &url) {
-                    (Some((n, s)), _) => Some((n.clone(), s.clone())),
-                    (None, Some(u)) => url_file_name(u).map(|n| (n.to_string(), item.span())),
-                    (None, None) => None,
+                if path.is_none()
+                    && lookup(t, "path").is_none()
+                    && let Some(url) = url.as_deref().filter(|u| is_archive_url(u))
+                {
+                    let file = url_file_name(url).unwrap_or(url);
+                    self.error(
+                        item.span(),
+                        &format!("{}.path", item_at.key),
+                        format!("library {file} is an archive, and no path names the library inside it"),
+                        Some("add path = \"lib/libwasmvm.x86_64.so\" (the member as the archive lists it); without it cvx would have to guess, and the daemon binary is not a library".into()),
+                    );
+                }
+                let file_name = match (&name, &path, &url) {
+                    (Some((n, s)), _, _) => Some((n.clone(), s.clone())),
+                    (None, Some((p, s)), _) => {
+                        p.rsplit('/').next().map(|n| (n.to_string(), s.clone()))
+                    }
+                    (None, None, Some(u)) => url_file_name(u).map(|n| (n.to_string(), item.span())),
+                    (None, None, None) => None,
                 };
                 if let Some((file_name, span)) = &file_name {
                     if let Some(why) = unsafe_name(file_name) {
@@ -870,6 +944,7 @@ impl<'s> Walker<'s> {
                     list.push(Library {
                         url,
                         sha256,
+                        path: path.map(|p| p.0),
                         name: name.map(|n| n.0),
                     });
                 }

@@ -244,8 +244,13 @@ pub fn backup(
 
 /// Restore `record`'s backup as `home/data`, by the same rules (tables linked, the rest copied,
 /// so the backup stays as it was for another restore). The current `data/` is renamed to
-/// `data-rolled-back-<date>-<upgrade>` beside it, never deleted. Returns where it went.
-pub fn restore(home: &Path, record: &Record) -> Result<PathBuf, BackupError> {
+/// `data-rolled-back-<date>-<upgrade>` beside it, never deleted. Returns where it went. The
+/// restored `data/` belongs to `owner` when there is one (root restoring the node user's home).
+pub fn restore(
+    home: &Path,
+    record: &Record,
+    owner: Option<crate::owner::Owner>,
+) -> Result<PathBuf, BackupError> {
     let data = home.join("data");
     remove_partials(home, RESTORE_PREFIX);
     let partial = home.join(format!("{RESTORE_PREFIX}{}", std::process::id()));
@@ -258,6 +263,7 @@ pub fn restore(home: &Path, record: &Record) -> Result<PathBuf, BackupError> {
     // Build the restored tree completely before touching data/.
     copier
         .copy_tree(&record.path, &partial, true)
+        .and_then(|()| crate::owner::give_tree(owner, &partial))
         .and_then(|()| sync_dir(home))
         .map_err(|e| {
             let _ = fs::remove_dir_all(&partial);
@@ -673,7 +679,7 @@ mod tests {
         .unwrap();
         fs::write(home.join("data/migrated"), "v2").unwrap();
 
-        let aside = restore(&home, &record).unwrap();
+        let aside = restore(&home, &record, None).unwrap();
 
         assert_eq!(fs::read(aside.join("migrated")).unwrap(), b"v2");
         assert!(!home.join("data/migrated").exists());

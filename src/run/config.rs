@@ -7,34 +7,173 @@ use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Every variable cvx run reads, with its default as documentation.
-pub const VARIABLES: &[(&str, &str)] = &[
-    ("DAEMON_HOME", "required"),
-    ("DAEMON_NAME", "required"),
-    ("DAEMON_ALLOW_DOWNLOAD_BINARIES", "false"),
-    ("DAEMON_DOWNLOAD_MUST_HAVE_CHECKSUM", "false"),
-    ("DAEMON_RESTART_AFTER_UPGRADE", "true"),
-    ("DAEMON_RESTART_DELAY", "none"),
-    ("DAEMON_SHUTDOWN_GRACE", "none (SIGKILL at once)"),
-    ("DAEMON_POLL_INTERVAL", "300ms"),
-    ("UNSAFE_SKIP_BACKUP", "false"),
-    ("DAEMON_DATA_BACKUP_DIR", "$DAEMON_HOME"),
-    ("DAEMON_PREUPGRADE_MAX_RETRIES", "0"),
-    ("COSMOVISOR_CUSTOM_PREUPGRADE", "none"),
-    ("COSMOVISOR_DISABLE_RECASE", "false"),
-    ("COSMOVISOR_DISABLE_LOGS", "false"),
-    ("COSMOVISOR_COLOR_LOGS", "true"),
-    ("COSMOVISOR_TIMEFORMAT_LOGS", "kitchen"),
-    ("CVX_MANIFEST", "none"),
-    ("CVX_MAX_SIZE", "4096 (MiB)"),
-    ("CVX_UPGRADE_HOOK", "none"),
-    ("CVX_UPGRADE_HOOK_TIMEOUT", "10s"),
-    ("CVX_CUSTOM_PREUPGRADE_TIMEOUT", "none"),
-    ("CVX_PREUPGRADE_TIMEOUT", "none"),
-    ("CVX_PREFLIGHT_INTERVAL", "10m"),
-    ("CVX_METRICS_ADDR", "none (no metrics)"),
-    ("CVX_METRICS_INTERVAL", "5s"),
+/// One variable `cvx run` reads: its name, its default and what it does. `cvx help run` and
+/// `cvx man run` are generated from [`VARIABLES`].
+#[derive(Debug, Clone, Copy)]
+pub struct Variable {
+    pub name: &'static str,
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+const fn var(name: &'static str, default: &'static str, meaning: &'static str) -> Variable {
+    Variable {
+        name,
+        default,
+        meaning,
+    }
+}
+
+/// Every variable cvx run reads, with Cosmovisor's names and defaults.
+pub const VARIABLES: &[Variable] = &[
+    var(
+        "DAEMON_HOME",
+        "required",
+        "the node's home: data/ and cosmovisor/ are in it",
+    ),
+    var(
+        "DAEMON_NAME",
+        "required",
+        "the daemon's file name in cosmovisor/*/bin/, e.g. osmosisd",
+    ),
+    var(
+        "DAEMON_ALLOW_DOWNLOAD_BINARIES",
+        "false",
+        "download an upgrade's binary from the plan's info when it is not staged (verified; a CVX_MANIFEST pin wins)",
+    ),
+    var(
+        "DAEMON_DOWNLOAD_MUST_HAVE_CHECKSUM",
+        "false",
+        "accepted for Cosmovisor's sake: cvx never downloads without a checksum",
+    ),
+    var(
+        "DAEMON_RESTART_AFTER_UPGRADE",
+        "true",
+        "start the new binary after the switch; false: exit 0 after it",
+    ),
+    var(
+        "DAEMON_RESTART_DELAY",
+        "none",
+        "wait this long after the daemon stops for an upgrade, before the upgrade steps (Go duration: 10s, 1m30s)",
+    ),
+    var(
+        "DAEMON_SHUTDOWN_GRACE",
+        "none (SIGKILL at once)",
+        "how long the daemon may take to exit after SIGTERM before SIGKILL (when cvx itself is stopped: 60s if unset)",
+    ),
+    var(
+        "DAEMON_POLL_INTERVAL",
+        "300ms",
+        "how often data/upgrade-info.json is read when no file event arrives",
+    ),
+    var(
+        "UNSAFE_SKIP_BACKUP",
+        "false",
+        "do not back up data/ before an upgrade",
+    ),
+    var(
+        "DAEMON_DATA_BACKUP_DIR",
+        "$DAEMON_HOME",
+        "where data-backup-<date>-<upgrade> goes (not inside data/)",
+    ),
+    var(
+        "DAEMON_PREUPGRADE_MAX_RETRIES",
+        "0",
+        "retries of `<new binary> pre-upgrade` when it exits 31",
+    ),
+    var(
+        "COSMOVISOR_CUSTOM_PREUPGRADE",
+        "none",
+        "a script under cosmovisor/, run as `<script> <name> <height>` in $DAEMON_HOME before the switch",
+    ),
+    var(
+        "COSMOVISOR_DISABLE_RECASE",
+        "false",
+        "keep the plan name's case in upgrades/<name> instead of lower-casing it",
+    ),
+    var(
+        "COSMOVISOR_DISABLE_LOGS",
+        "false",
+        "no logs from cvx run (the daemon's own output is not touched)",
+    ),
+    var(
+        "COSMOVISOR_COLOR_LOGS",
+        "true",
+        "colour in the logs, on a terminal only",
+    ),
+    var(
+        "COSMOVISOR_TIMEFORMAT_LOGS",
+        "kitchen",
+        "timestamps of every cvx command's logs: a Go layout name (rfc3339, rfc3339nano, kitchen, ...), or empty for none",
+    ),
+    var(
+        "CVX_MANIFEST",
+        "none",
+        "a manifest: every binary must be its pin for this host before it runs, and its pins win over the plan's checksums for downloads",
+    ),
+    var(
+        "CVX_MAX_SIZE",
+        "4096 (MiB)",
+        "the most bytes a download may have, and the most its archive may unpack to",
+    ),
+    var(
+        "CVX_UPGRADE_HOOK",
+        "none",
+        "an executable run on upgrade detected, done and failed, with the facts as JSON on stdin (never blocks the upgrade)",
+    ),
+    var(
+        "CVX_UPGRADE_HOOK_TIMEOUT",
+        "10s",
+        "how long CVX_UPGRADE_HOOK may run before it is killed",
+    ),
+    var(
+        "CVX_CUSTOM_PREUPGRADE_TIMEOUT",
+        "none",
+        "how long COSMOVISOR_CUSTOM_PREUPGRADE may run before it is killed and the upgrade fails",
+    ),
+    var(
+        "CVX_PREUPGRADE_TIMEOUT",
+        "none",
+        "how long `<new binary> pre-upgrade` may run before it is killed and the upgrade fails",
+    ),
+    var(
+        "CVX_PREFLIGHT_INTERVAL",
+        "10m",
+        "how often the preflight warnings (backup dir, room, next binary, grace) are checked again while the node runs",
+    ),
+    var(
+        "CVX_METRICS_ADDR",
+        "none (no metrics)",
+        "host:port where cvx run start serves Prometheus metrics at /metrics",
+    ),
+    var(
+        "CVX_METRICS_INTERVAL",
+        "5s",
+        "with metrics on: how often cvx reads the node's height and re-checks the next upgrade",
+    ),
 ];
+
+/// The variables as `cvx help run` and `cvx man run` show them.
+pub fn variables_help() -> String {
+    let mut out = String::from(
+        "Environment, as Cosmovisor's (or the lower-case keys of a `--cosmovisor-config` file; the environment wins):\n",
+    );
+    for v in VARIABLES {
+        let default = if v.default == "required" {
+            "required".to_string()
+        } else {
+            format!("default: {}", v.default)
+        };
+        out.push_str(&format!(
+            "\n  {}  ({default})\n      {}\n",
+            v.name, v.meaning
+        ));
+    }
+    out.push_str(
+        "\nBooleans are true or false (any case) or empty; durations use Go's syntax and must be positive.",
+    );
+    out
+}
 
 /// Go's named time layouts Cosmovisor accepts for COSMOVISOR_TIMEFORMAT_LOGS.
 pub const TIME_FORMATS: &[(&str, &str)] = &[
@@ -205,7 +344,7 @@ fn load_inner(
     let mut sources = Sources {
         env: env
             .into_iter()
-            .filter(|(k, _)| VARIABLES.iter().any(|(name, _)| name == k))
+            .filter(|(k, _)| VARIABLES.iter().any(|v| v.name == k))
             .collect(),
         file: BTreeMap::new(),
         file_path: config_file.map(Path::to_path_buf),
@@ -216,10 +355,7 @@ fn load_inner(
             Ok(text) => match text.parse::<toml::Table>() {
                 Ok(table) => {
                     for (key, value) in table {
-                        if VARIABLES
-                            .iter()
-                            .any(|(name, _)| name.eq_ignore_ascii_case(&key))
-                        {
+                        if VARIABLES.iter().any(|v| v.name.eq_ignore_ascii_case(&key)) {
                             sources.file.insert(key, value);
                         } else {
                             tracing::warn!("{}: ignoring unknown key {key:?}", path.display());

@@ -125,7 +125,7 @@ impl RunError {
     pub fn hint(&self) -> Option<String> {
         match self {
             RunError::Config(_) => {
-                Some("see README, `cvx run`, for every variable and its default".into())
+                Some("`cvx help run` lists every variable, its default and meaning".into())
             }
             RunError::Binary(e) => e.hint(),
             RunError::Unworkable { .. } => Some("cvx run must be able to write $DAEMON_HOME/cosmovisor and read its .cvx/: run it as the user that owns the home".into()),

@@ -171,6 +171,21 @@ pub async fn execute(
     record: &Record,
     mut plan: Rollback,
 ) -> Result<Rollback, RollbackError> {
+    // As root on the node user's home, the lock files and `.cvx/` are theirs: `cvx run start`,
+    // as that user, takes the same locks afterwards.
+    let owner = layout.owner();
+    let give = |path: &Path| {
+        crate::owner::give(owner, path).map_err(|source| BackupError::Io {
+            action: "set the owner of",
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    crate::owner::create_dir_all(owner, &layout.cvx()).map_err(|source| BackupError::Io {
+        action: "create",
+        path: layout.cvx(),
+        source,
+    })?;
     let _supervisor = super::SupervisorLock::take(layout).map_err(|holder| match holder {
         super::Holder::Pid(pid) => RollbackError::Supervised {
             pid,
@@ -178,6 +193,7 @@ pub async fn execute(
         },
         super::Holder::Io(e) => RollbackError::Backup(e),
     })?;
+    give(&layout.cvx().join("supervisor.lock"))?;
     if let Some(rpc) = super::watch::rpc_address(home)
         && super::watch::node_height(&rpc).await.is_some()
     {
@@ -191,7 +207,7 @@ pub async fn execute(
         std::time::Duration::ZERO,
         crate::apply::Role::Rollback,
     )?;
-    let aside = backup::restore(home, record)?;
+    let aside = backup::restore(home, record, owner)?;
     crate::apply::install::point_current(layout, &record.from_stage).map_err(|source| {
         RollbackError::Switch {
             stage: record.from_stage.clone(),

@@ -36,6 +36,11 @@ fn findings_are_annotated_on_the_manifests_lines() {
     server.add("/v2", SERVED.to_vec(), Fault::None);
     let body = |v: serde_json::Value| v.to_string().into_bytes();
     server.add(
+        "/cosmos/base/tendermint/v1beta1/node_info",
+        body(json!({"default_node_info": {"network": "t-1"}})),
+        Fault::None,
+    );
+    server.add(
         "/cosmos/base/tendermint/v1beta1/blocks/latest",
         body(json!({"block": {"header": {"height": "150"}}})),
         Fault::None,

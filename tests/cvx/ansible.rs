@@ -101,23 +101,41 @@ impl Run {
     }
 }
 
-/// Two local hosts, each with a home, an install path, a manifest path and a unit dir of its own
+/// The node's user on the test hosts: uid and gid 65534 (`nobody`, which every Debian and Ubuntu
+/// image has), given by number as systemd accepts it without its warning about `nobody`. The role
+/// creates the homes for it, and cvx apply, run as root, gives it what it stages.
+const NODE_UID: u32 = 65534;
+
+/// Local hosts, each with a home, an install path, a manifest path and a unit dir of its own
 /// under one temp dir, and the artifacts served from a loopback server.
 struct Fleet {
     dir: TempDir,
     venv: PathBuf,
     server: Server,
+    hosts: Vec<&'static str>,
+    /// More `[cvx_nodes:vars]` lines.
+    vars: Vec<String>,
 }
 
 impl Fleet {
     fn new() -> Fleet {
+        Fleet::with(&HOSTS, &[])
+    }
+
+    fn with(hosts: &[&'static str], vars: &[&str]) -> Fleet {
         let venv = venv();
         let dir = tempfile::tempdir().unwrap();
         let server = Server::start();
         server.add("/simd/v1", GENESIS.to_vec(), Fault::None);
         server.add("/simd/v2", V2.to_vec(), Fault::None);
         server.add("/simd/v3", V3.to_vec(), Fault::None);
-        let fleet = Fleet { dir, venv, server };
+        let fleet = Fleet {
+            dir,
+            venv,
+            server,
+            hosts: hosts.to_vec(),
+            vars: vars.iter().map(|v| v.to_string()).collect(),
+        };
         for sub in ["scratch", "ansible", "controller"] {
             fs::create_dir_all(fleet.path(sub)).unwrap();
         }
@@ -163,26 +181,31 @@ impl Fleet {
     /// The inventory, in INI as operators write it (values in `:vars` are strings there).
     fn inventory(&self) -> PathBuf {
         let mut ini = String::from("[cvx_nodes]\n");
-        for host in HOSTS {
+        for host in &self.hosts {
             writeln!(
                 ini,
-                "{host} cvx_home={} cvx_install_path={} cvx_manifest_src={} cvx_manifest_path={} cvx_unit_dir={}",
+                "{host} cvx_home={} cvx_install_path={} cvx_manifest_src={} cvx_manifest_path={} cvx_unit_dir={} cvx_data_backup_dir={}",
                 self.on(host, "home").display(),
                 self.on(host, "bin/cvx").display(),
                 self.path(&format!("controller/{host}.toml")).display(),
                 self.on(host, "etc/cvx/testchain.toml").display(),
                 self.on(host, "systemd").display(),
+                self.on(host, "backups").display(),
             )
             .unwrap();
         }
+        // cvx plan and apply run as root (no become), on homes the role creates for the node.
         write!(
             ini,
             "\n[cvx_nodes:vars]\nansible_connection=local\nansible_python_interpreter={}\nansible_become=false\n\
-             cvx_binary_src={}\ncvx_run_as=\ncvx_user=cosmos\ncvx_manage_service=false\n",
+             cvx_binary_src={}\ncvx_run_as=\ncvx_user={NODE_UID}\ncvx_group={NODE_UID}\ncvx_manage_service=false\n",
             self.venv.join("bin/python").display(),
             self.path("controller/cvx").display(),
         )
         .unwrap();
+        for var in &self.vars {
+            writeln!(ini, "{var}").unwrap();
+        }
         let path = self.path("inventory.ini");
         fs::write(&path, ini).unwrap();
         path
@@ -190,12 +213,15 @@ impl Fleet {
 
     /// `ansible-playbook -i inventory.ini examples/ansible/site.yml [--check]`.
     fn play(&self, check: bool) -> Run {
+        self.play_with(if check { &["--check"] } else { &[] }, &[])
+    }
+
+    /// `ansible-playbook -i inventory.ini examples/ansible/site.yml <args>`, with `env` added.
+    fn play_with(&self, args: &[&str], env: &[(&str, std::ffi::OsString)]) -> Run {
+        let check = args.contains(&"--check");
         let site = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ansible/site.yml");
         let mut cmd = Command::new(self.venv.join("bin/ansible-playbook"));
-        cmd.arg("-i").arg(self.inventory()).arg(site);
-        if check {
-            cmd.arg("--check");
-        }
+        cmd.arg("-i").arg(self.inventory()).arg(site).args(args);
         cmd.current_dir(self.dir.path());
         for (key, _) in std::env::vars() {
             if ["ANSIBLE_", "DAEMON_", "CVX_", "COSMOVISOR_"]
@@ -217,6 +243,9 @@ impl Fleet {
             // Where check mode's scratch directory goes (the hosts' temporary directory).
             .env("TMPDIR", self.path("scratch"))
             .env("NO_COLOR", "1");
+        for (key, value) in env {
+            cmd.env(key, value);
+        }
         let started = Instant::now();
         let out = cmd.output().unwrap();
         let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -255,6 +284,56 @@ impl Fleet {
     }
 }
 
+fn owner(path: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (meta.uid(), meta.gid())
+}
+
+/// Paths under `root` (itself included, links not followed) the node's user does not own.
+fn not_the_nodes(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        if owner(&path) != (NODE_UID, NODE_UID) {
+            found.push(path.clone());
+        }
+        if fs::symlink_metadata(&path).unwrap().is_dir() {
+            stack.extend(fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    found
+}
+
+/// One word of a unit's line as systemd reads it: unquoted, `\\` and `\"` unescaped, `%%` one `%`
+/// (and, with `exec`, `$$` one `$`).
+fn unit_word(word: &str, exec: bool) -> String {
+    let inner = match word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        Some(quoted) => quoted.replace("\\\"", "\"").replace("\\\\", "\\"),
+        None => word.to_owned(),
+    };
+    let inner = inner.replace("%%", "%");
+    if exec {
+        inner.replace("$$", "$")
+    } else {
+        inner
+    }
+}
+
+/// The `Environment=` assignments of a unit, as systemd reads them.
+fn unit_env(unit: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .map(|kv| {
+            let (k, v) = unit_word(kv, false)
+                .split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .unwrap();
+            (k, v)
+        })
+        .collect()
+}
+
 /// The unit the role templated for `host`: systemd accepts it, and its environment is one
 /// `cvx run` accepts.
 fn check_unit(fleet: &Fleet, host: &str) {
@@ -266,15 +345,11 @@ fn check_unit(fleet: &Fleet, host: &str) {
         fleet.on(host, "bin/cvx").display(),
         home.display()
     );
-    assert!(unit.lines().any(|l| l == exec), "{exec} not in\n{unit}");
-    let env: Vec<(String, String)> = unit
-        .lines()
-        .filter_map(|l| l.strip_prefix("Environment="))
-        .map(|kv| {
-            let (k, v) = kv.trim_matches('"').split_once('=').unwrap();
-            (k.to_owned(), v.to_owned())
-        })
-        .collect();
+    assert!(
+        unit.lines().any(|l| l.starts_with(&exec)),
+        "{exec} not in\n{unit}"
+    );
+    let env = unit_env(&unit);
     let get = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     assert_eq!(get("DAEMON_NAME"), Some("simd"), "{unit}");
     assert_eq!(get("DAEMON_HOME"), Some(home.to_str().unwrap()), "{unit}");
@@ -344,6 +419,20 @@ fn role_converges_two_hosts_idempotently_and_fails_only_the_host_with_a_wrong_pi
         );
         assert_eq!(fleet.staged(host, "genesis/bin/simd"), GENESIS);
         assert_eq!(fleet.staged(host, "upgrades/v2/bin/simd"), V2);
+        // The role made the home and the backup directory for the node's user, and cvx apply,
+        // run as root, left everything it staged to that user.
+        for dir in ["home", "backups"] {
+            assert_eq!(
+                owner(&fleet.on(host, dir)),
+                (NODE_UID, NODE_UID),
+                "{host}: {dir}"
+            );
+        }
+        assert_eq!(
+            not_the_nodes(&fleet.on(host, "home")),
+            Vec::<PathBuf>::new(),
+            "{host}"
+        );
         assert_eq!(
             fs::read_link(fleet.cosmovisor(host, "current")).unwrap(),
             Path::new("genesis")
@@ -468,7 +557,8 @@ fn role_converges_two_hosts_idempotently_and_fails_only_the_host_with_a_wrong_pi
         .unwrap_or_else(|| panic!("no failure for node-b\n{}", run.out));
     for needle in [
         "cvx apply failed on node-b",
-        "upgrades/v3/bin/simd",
+        // The failed artifact, and the manifest line that pins it.
+        "upgrades/v3/bin/simd (manifest line 14):",
         "checksum mismatch",
         &fleet.server.url("/simd/v3"),
         &format!("expected sha256 {wrong}"),
@@ -494,4 +584,187 @@ fn role_converges_two_hosts_idempotently_and_fails_only_the_host_with_a_wrong_pi
         V2,
         "node-b keeps what it had"
     );
+}
+
+/// `systemctl` for a machine without systemd running (a container): units live as state files
+/// under `$FAKE_SYSTEMD` (`<unit>.active`, `<unit>.enabled`), a unit exists when it has state or a
+/// unit file in `$FAKE_UNIT_DIR`, and every call is logged to `$FAKE_SYSTEMD/log`. It answers
+/// the calls Ansible's systemd_service module and the role make, as systemd would.
+const FAKE_SYSTEMCTL: &str = r#"#!/bin/sh
+state="$FAKE_SYSTEMD"
+echo "$*" >> "$state/log"
+exists() { [ -e "$state/$1.active" ] || [ -e "$FAKE_UNIT_DIR/$1" ]; }
+active() { cat "$state/$1.active" 2>/dev/null || echo inactive; }
+enabled() { cat "$state/$1.enabled" 2>/dev/null || echo disabled; }
+case "$1" in
+  daemon-reload) ;;
+  show)
+    shift
+    property=""
+    while [ $# -gt 1 ]; do
+      case "$1" in --property=*) property="${1#--property=}" ;; esac
+      shift
+    done
+    if exists "$1"; then load=loaded; else load=not-found; fi
+    if [ "$property" = LoadState ]; then echo "$load"; exit 0; fi
+    printf 'Id=%s\nLoadState=%s\nActiveState=%s\nUnitFileState=%s\n' "$1" "$load" "$(active "$1")" "$(enabled "$1")"
+    ;;
+  is-enabled) e=$(enabled "$2"); echo "$e"; [ "$e" = enabled ] ;;
+  is-active) a=$(active "$2"); echo "$a"; [ "$a" = active ] ;;
+  list-unit-files) exists "$2" ;;
+  start) echo active > "$state/$2.active" ;;
+  stop) echo inactive > "$state/$2.active" ;;
+  enable) echo enabled > "$state/$2.enabled" ;;
+  disable) echo disabled > "$state/$2.enabled" ;;
+  *) echo "systemctl (test stand-in): $* is not known here" >&2; exit 1 ;;
+esac
+"#;
+
+#[test]
+fn the_role_takes_over_from_cosmovisor_quotes_the_unit_and_shows_its_diffs() {
+    let fleet = Fleet::with(
+        &["node-c"],
+        &[
+            "cvx_manage_service=true",
+            "cvx_on_failure=notify-failure@%n.service",
+        ],
+    );
+    let host = "node-c";
+    fleet.manifest(host, &[("v2", "/simd/v2", sha256(V2))]);
+    // Arguments and environment values systemd would split or expand unless quoted.
+    let vars = fleet.path("vars.json");
+    fs::write(
+        &vars,
+        serde_json::json!({
+            "cvx_daemon_args": ["--moniker=my node", "--log_format=%v", "$HOME"],
+            "cvx_service_env": {"NOTE": "a \"quoted\" 100% value"},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let extra = format!("@{}", vars.display());
+
+    // The host: Cosmovisor runs the node, enabled at boot; no systemd, so systemctl is the
+    // stand-in above, first on PATH.
+    let state = fleet.path("systemd-state");
+    let bin = fleet.path("fake-bin");
+    for dir in [&state, &bin, &fleet.on(host, "systemd")] {
+        fs::create_dir_all(dir).unwrap();
+    }
+    fs::write(state.join("cosmovisor.service.active"), "active\n").unwrap();
+    fs::write(state.join("cosmovisor.service.enabled"), "enabled\n").unwrap();
+    let systemctl = bin.join("systemctl");
+    fs::write(&systemctl, FAKE_SYSTEMCTL).unwrap();
+    fs::set_permissions(&systemctl, fs::Permissions::from_mode(0o755)).unwrap();
+    // The OnFailure= unit, for systemd-analyze to find beside the node's.
+    fs::write(
+        fleet.on(host, "systemd/notify-failure@.service"),
+        "[Unit]\nDescription=tell someone %i failed\n[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut search = std::ffi::OsString::from(bin.as_os_str());
+    search.push(":");
+    search.push(path);
+    let env = [
+        ("PATH", search),
+        ("FAKE_SYSTEMD", state.clone().into_os_string()),
+        ("FAKE_UNIT_DIR", fleet.on(host, "systemd").into_os_string()),
+    ];
+    let log = || fs::read_to_string(state.join("log")).unwrap_or_default();
+    let unit_state = |unit: &str| {
+        ["active", "enabled"].map(|what| {
+            fs::read_to_string(state.join(format!("{unit}.{what}")))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        })
+    };
+
+    // Check mode: the diffs of what would be written; Cosmovisor keeps running.
+    let run = fleet.play_with(&["--check", "--diff", "-e", &extra], &env);
+    run.expect(0);
+    assert_eq!(
+        run.status("Stop and disable the Cosmovisor unit", host),
+        "changed",
+        "{}",
+        run.out
+    );
+    assert_eq!(
+        unit_state("cosmovisor.service"),
+        ["active", "enabled"],
+        "{}",
+        log()
+    );
+    assert!(
+        !fleet.on(host, "home").exists(),
+        "check mode made the home\n{}",
+        run.out
+    );
+    for needle in [
+        "+++ after: ",
+        "+daemon = \"simd\"",
+        "+ExecStart=",
+        "+StartLimitBurst=5",
+    ] {
+        assert!(
+            run.out.contains(needle),
+            "{needle:?} not in the diffs\n{}",
+            run.out
+        );
+    }
+
+    // The real run: Cosmovisor stopped and disabled, then cvx's unit enabled and started.
+    let run = fleet.play_with(&["-e", &extra], &env);
+    run.expect(0);
+    assert_eq!(unit_state("cosmovisor.service"), ["inactive", "disabled"]);
+    assert_eq!(unit_state("simd.service"), ["active", "enabled"]);
+    let calls = log();
+    let at = |call: &str| {
+        calls
+            .lines()
+            .position(|l| l == call)
+            .unwrap_or_else(|| panic!("no `systemctl {call}` in:\n{calls}"))
+    };
+    assert!(
+        at("stop cosmovisor.service").max(at("disable cosmovisor.service"))
+            < at("enable simd.service").min(at("start simd.service")),
+        "Cosmovisor must be stopped before cvx's unit starts:\n{calls}"
+    );
+    assert_eq!(owner(&fleet.on(host, "home")), (NODE_UID, NODE_UID));
+    assert_eq!(owner(&fleet.on(host, "backups")), (NODE_UID, NODE_UID));
+
+    // The unit: quoted as systemd reads it, accepted by systemd-analyze, a restart limit and the
+    // OnFailure= unit.
+    check_unit(&fleet, host);
+    let unit = fs::read_to_string(fleet.on(host, "systemd/simd.service")).unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    assert!(
+        exec.ends_with(r#" "--moniker=my node" --log_format=%%v $$HOME"#),
+        "{exec}"
+    );
+    assert!(
+        unit.lines()
+            .any(|l| l == r#"Environment="NOTE=a \"quoted\" 100%% value""#),
+        "{unit}"
+    );
+    assert_eq!(
+        unit_env(&unit).iter().find(|(k, _)| k == "NOTE").unwrap().1,
+        "a \"quoted\" 100% value"
+    );
+    for line in [
+        "StartLimitIntervalSec=600",
+        "StartLimitBurst=5",
+        "OnFailure=notify-failure@%n.service",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "{line} not in\n{unit}");
+    }
+
+    // Again: Cosmovisor stays stopped, nothing changes.
+    let run = fleet.play_with(&["-e", &extra], &env);
+    run.expect(0);
+    assert_eq!(run.recap(host)["changed"], 0, "{}", run.out);
 }

@@ -28,6 +28,11 @@ fn chain(latest: u64, plan: Option<(&str, u64)>, v2_applied: u64) -> Server {
     let server = Server::start();
     let body = |v: Value| v.to_string().into_bytes();
     server.add(
+        "/cosmos/base/tendermint/v1beta1/node_info",
+        body(json!({"default_node_info": {"network": "t-1", "version": "0.38.12"}, "application_version": {"name": "sim"}})),
+        Fault::None,
+    );
+    server.add(
         "/cosmos/base/tendermint/v1beta1/blocks/latest",
         body(json!({"sdk_block": {"header": {"height": latest.to_string()}}})),
         Fault::None,
@@ -69,6 +74,10 @@ fn no_drift_and_the_blocks_remaining() {
     let server = chain(250, Some(("v3", 300)), 200);
     let d = drift(&ctx, &server, 0);
     assert_eq!(d["latest_height"], 250);
+    assert_eq!(
+        (&d["chain_id"], &d["trusted"]),
+        (&json!("t-1"), &json!(true))
+    );
     assert_eq!(d["findings"], json!([]));
     assert_eq!(
         d["next"],
@@ -157,7 +166,7 @@ fn an_unreachable_node_is_an_error_with_a_hint() {
             .args(["--node", &format!("http://127.0.0.1:{port}")]),
         1,
     );
-    assert!(err.contains(&format!("the node at http://127.0.0.1:{port}/cosmos/base/tendermint/v1beta1/blocks/latest does not answer")), "{err}");
+    assert!(err.contains(&format!("the node at http://127.0.0.1:{port}/cosmos/base/tendermint/v1beta1/node_info does not answer")), "{err}");
     assert!(
         err.contains("hint: --node takes the node's REST endpoint"),
         "{err}"
@@ -182,5 +191,69 @@ fn an_on_chain_plan_at_a_scheduled_upgrades_height_is_a_conflict() {
     assert!(
         message.contains("by governance at height 300, where the manifest schedules \"v3\" with trigger = \"halt-height\""),
         "{message}"
+    );
+}
+
+#[test]
+fn a_node_of_another_chain_is_a_warning_and_its_plans_are_not_compared() {
+    let ctx = Ctx::new();
+    manifest(&ctx, Some(200), 300);
+    // It schedules an upgrade this manifest lacks: drift, were it this chain.
+    let server = chain(250, Some(("v9", 260)), 0);
+    server.add(
+        "/cosmos/base/tendermint/v1beta1/node_info",
+        json!({"default_node_info": {"network": "other-7"}})
+            .to_string()
+            .into_bytes(),
+        Fault::None,
+    );
+    let d = drift(&ctx, &server, 0);
+    assert_eq!(
+        (&d["chain_id"], &d["trusted"]),
+        (&json!("other-7"), &json!(false))
+    );
+    assert_eq!(d["latest_height"], Value::Null);
+    assert_eq!(d["next"], Value::Null);
+    let findings = d["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 1, "{d:#}");
+    assert_eq!(findings[0]["severity"], "warning");
+    assert_eq!(findings[0]["key"], "chain.id");
+    assert_eq!(findings[0]["location"], "cvx.toml:2:1");
+    assert_eq!(
+        findings[0]["message"],
+        format!(
+            "the node at {} is on chain \"other-7\", the manifest is for \"t-1\": its upgrade plans were not compared",
+            server.url("")
+        )
+    );
+    assert_eq!(
+        server.hits("/cosmos/upgrade/v1beta1/current_plan"),
+        0,
+        "nothing else asked"
+    );
+    let (human, _) = run(ctx.plan().args(["--node", &server.url("")]), 0);
+    assert!(
+        human.contains(&format!(
+            "chain: {} (other-7): not this chain\n  warning: cvx.toml:2:1: the node at",
+            server.url("")
+        )),
+        "{human}"
+    );
+}
+
+#[test]
+fn drift_is_an_error_at_the_manifests_line_and_the_summary_says_failed() {
+    let ctx = Ctx::new();
+    manifest(&ctx, Some(200), 300);
+    let server = chain(250, Some(("v3", 310)), 200);
+    let (human, _) = run(ctx.plan().args(["--node", &server.url("")]), 1);
+    // v3's height is on line 12 of the manifest, column 1.
+    assert!(
+        human.contains("  error: cvx.toml:12:1: upgrade v3: the chain schedules v3 at height 310, the manifest says 300\n"),
+        "{human}"
+    );
+    assert!(
+        human.trim_end().ends_with("failed (1 drift error)."),
+        "the verdict agrees with exit 1:\n{human}"
     );
 }

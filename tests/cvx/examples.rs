@@ -68,6 +68,19 @@ fn systemd_unit_agrees_with_cvx_signal_handling() {
         "TimeoutStopSec {stop:?} must exceed DAEMON_SHUTDOWN_GRACE {grace:?}"
     );
     assert!(settings.contains_key("LimitNOFILE") && settings.contains_key("Restart"));
+    // Restarts are limited: a node failing in a loop stops being restarted.
+    let burst: u32 = settings["StartLimitBurst"].parse().unwrap();
+    let interval =
+        cvx::duration::parse(&format!("{}s", settings["StartLimitIntervalSec"])).unwrap();
+    assert!(
+        burst > 1 && interval >= std::time::Duration::from_secs(60),
+        "{burst} in {interval:?}"
+    );
+    assert!(
+        UNIT.lines()
+            .any(|l| l.trim_start_matches(['#', ' ']).starts_with("OnFailure=")),
+        "an OnFailure= example"
+    );
     // The environment is one cvx run accepts: load it as cvx would.
     let env: Vec<(String, String)> = env.into_iter().collect();
     cvx::run::config::load(env, None)

@@ -565,3 +565,141 @@ fn registry_files_can_be_downloaded() {
         "{stderr}"
     );
 }
+
+#[test]
+fn pin_writes_what_a_person_would_and_quiet_means_quiet() {
+    let server = Server::start();
+    server.add("/v1/simd", GENESIS.to_vec(), Fault::None);
+    server.add("/lib.so", UPGRADE.to_vec(), Fault::None);
+    let (g, l) = (server.url("/v1/simd"), server.url("/lib.so"));
+    let ctx = Ctx::new();
+    // Written by hand, sha256 missing in every shape: inline, tight inline, a table, and a TODO
+    // comment on the last line of the file.
+    let text = format!(
+        r#"[chain]
+id = "sim-1"
+daemon = "simd"
+
+[genesis]
+binary."linux/amd64" = {{ url = "{g}" }}
+library."linux/amd64" = [ {{url="{l}",name="libx.so"}} ]
+
+[[upgrade]]
+name = "v2"
+[upgrade.binary."linux/amd64"]
+url = "{g}"
+path = "simd"
+
+[[upgrade]]
+name = "v3"
+binary."linux/amd64" = {{ url = "{l}", sha256 = "" }} {TODO}
+"#
+    );
+    let path = ctx.manifest(&text);
+    let (stdout, stderr) = run(ctx.cvx().args(["pin", "-q"]), 0);
+    assert_eq!(
+        (stdout.as_str(), stderr.as_str()),
+        ("", ""),
+        "-q: nothing but errors"
+    );
+    let (sg, sl) = (sha256(GENESIS), sha256(UPGRADE));
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        format!(
+            r#"[chain]
+id = "sim-1"
+daemon = "simd"
+
+[genesis]
+binary."linux/amd64" = {{ url = "{g}", sha256 = "{sg}" }}
+library."linux/amd64" = [ {{ url = "{l}", sha256 = "{sl}", name = "libx.so" }} ]
+
+[[upgrade]]
+name = "v2"
+[upgrade.binary."linux/amd64"]
+url = "{g}"
+sha256 = "{sg}"
+path = "simd"
+
+[[upgrade]]
+name = "v3"
+binary."linux/amd64" = {{ url = "{l}", sha256 = "{sl}" }}
+"#
+        )
+    );
+    // A pin written as `sha256:HEX` is the same pin.
+    let prefixed = fs::read_to_string(&path).unwrap().replacen(
+        &format!("sha256 = \"{sg}\""),
+        &format!("sha256 = \"sha256:{sg}\""),
+        1,
+    );
+    fs::write(&path, prefixed).unwrap();
+    let (stdout, stderr) = run(ctx.cvx().args(["pin", "--verify", "-q"]), 0);
+    assert!(!stdout.contains("MISMATCH"), "{stdout}");
+    assert_eq!(stderr, "");
+}
+
+/// Every command logs as `cvx run` does: its timestamps (COSMOVISOR_TIMEFORMAT_LOGS, kitchen by
+/// default), no colour off a terminal, and nothing but errors with -q.
+#[test]
+fn logs_have_runs_timestamps_no_colour_off_a_terminal_and_q_silences_warnings() {
+    let server = Server::start();
+    let (chain, versions) = registry(&server);
+    server.add(
+        "/chain.json",
+        serde_json::to_vec(&chain).unwrap(),
+        Fault::None,
+    );
+    server.add(
+        "/versions.json",
+        serde_json::to_vec(&versions).unwrap(),
+        Fault::None,
+    );
+    let ctx = Ctx::new();
+    let import = |extra: &[&str], env: &[(&str, &str)]| -> String {
+        let mut cmd = ctx.cvx();
+        cmd.env_remove("NO_COLOR")
+            .args(["import", "chain-registry"])
+            .arg(server.url("/chain.json"))
+            .arg(server.url("/versions.json"))
+            .args(extra);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        run(&mut cmd, 0).1
+    };
+    let warning = |stderr: &str| -> String {
+        stderr
+            .lines()
+            .find(|l| l.contains("is plain http"))
+            .unwrap_or_else(|| panic!("no plain-http warning in:\n{stderr}"))
+            .to_string()
+    };
+
+    let stderr = import(&[], &[]);
+    assert!(
+        !stderr.contains('\x1b'),
+        "colour codes off a terminal:\n{stderr}"
+    );
+    // kitchen: `3:04PM  WARN ...`
+    let line = warning(&stderr);
+    let (time, rest) = line.split_once(' ').unwrap();
+    let clock = time.trim_end_matches(['A', 'P', 'M']);
+    assert!(
+        (time.ends_with("AM") || time.ends_with("PM"))
+            && clock.split(':').all(|p| p.parse::<u32>().is_ok()),
+        "{line}"
+    );
+    assert!(rest.trim_start().starts_with("WARN"), "{line}");
+
+    let line = warning(&import(&[], &[("COSMOVISOR_TIMEFORMAT_LOGS", "rfc3339")]));
+    let time = line.split_whitespace().next().unwrap();
+    assert!(cvx::time::parse_rfc3339(time).is_some(), "{line}");
+    let line = warning(&import(&[], &[("COSMOVISOR_TIMEFORMAT_LOGS", "")]));
+    assert!(
+        line.starts_with(" WARN") || line.starts_with("WARN"),
+        "{line}"
+    );
+
+    assert_eq!(import(&["-q"], &[]), "", "-q: only errors");
+}

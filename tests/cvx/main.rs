@@ -15,6 +15,8 @@ mod import;
 mod import_quirks;
 mod manifest;
 mod metrics;
+mod migrate;
+mod ownership;
 mod plan;
 mod run;
 mod runnable;

@@ -420,6 +420,36 @@ fn completions_and_man_pages_come_from_the_cli_definition() {
 }
 
 #[test]
+fn help_and_man_for_run_list_every_variable_with_its_default_and_meaning() {
+    let ctx = Ctx::new();
+    let (help, _) = run(ctx.cvx().args(["help", "run"]), 0);
+    let (page, _) = run(ctx.cvx().args(["man", "run"]), 0);
+    // roff escapes `-` and `'`; undo that to compare the words.
+    let page = page.replace("\\-", "-").replace("\\*(Aq", "'");
+    // Unwrapped, as the terminal's width folds the help.
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(!cvx::run::config::VARIABLES.is_empty());
+    for v in cvx::run::config::VARIABLES {
+        let default = if v.default == "required" {
+            "(required)".to_string()
+        } else {
+            format!("(default: {})", v.default)
+        };
+        let meaning = v.meaning.split_whitespace().collect::<Vec<_>>().join(" ");
+        let entry = format!("{} {default} {meaning}", v.name);
+        assert!(
+            help.contains(&entry),
+            "`cvx help run` lacks {entry:?}:\n{help}"
+        );
+        assert!(
+            page.contains(v.name) && page.contains(v.meaning),
+            "`cvx man run` lacks {}:\n{page}",
+            v.name
+        );
+    }
+}
+
+#[test]
 fn a_manifest_that_is_not_text_says_so() {
     let ctx = Ctx::new();
     std::fs::write(ctx.path("cvx.toml"), [0xff, 0xfe, 0x00, 0x80]).unwrap();
@@ -494,4 +524,87 @@ fn a_trigger_is_governance_or_a_halt_height_with_its_height() {
         "cvx.toml:14:11: upgrade \"v2\".trigger: unknown trigger \"halt\"",
     );
     assert_has(&err, "use \"governance\" (the default");
+}
+
+#[test]
+fn names_with_surrounding_spaces_are_refused() {
+    let err = invalid(&replace("name = \"v3\"", "name = \"v3 \""));
+    assert_has(
+        &err,
+        "cvx.toml:21:8: upgrade \"v3 \".name: upgrade name \"v3 \" starts or ends with whitespace",
+    );
+    assert_has(&err, "hint: write \"v3\"");
+    let err = invalid(&replace("daemon = \"simd\"", "daemon = \" simd\""));
+    assert_has(
+        &err,
+        "chain.daemon: daemon name \" simd\" starts or ends with whitespace",
+    );
+    let err = invalid(&replace("id = \"testchain-1\"", "id = \"testchain-1\\t\""));
+    assert_has(
+        &err,
+        "chain.id: chain id \"testchain-1\\t\" starts or ends with whitespace",
+    );
+}
+
+#[test]
+fn a_sha256_prefix_is_accepted_and_its_length_counted_without_it() {
+    let ctx = Ctx::new();
+    ctx.manifest(&replace(
+        &format!("simd-amd64\", sha256 = \"{SHA_A}\""),
+        &format!("simd-amd64\", sha256 = \"sha256:{}\"", SHA_A.to_uppercase()),
+    ));
+    let (out, _) = run(
+        ctx.cvx()
+            .args(["plan", "--json", "--platform", "linux/amd64"]),
+        0,
+    );
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        plan["upgrades"][0]["artifacts"][0]["sha256"], SHA_A,
+        "the prefix is stripped, the digest lower-cased"
+    );
+    let err = invalid(&replace(
+        &format!("simd-amd64\", sha256 = \"{SHA_A}\""),
+        &format!("simd-amd64\", sha256 = \"sha256:{}\"", &SHA_A[..60]),
+    ));
+    assert_has(&err, "is not 64 hex digits (60 characters after `sha256:`)");
+}
+
+#[test]
+fn a_library_archive_needs_the_path_of_the_library_in_it() {
+    let archive = "url = \"https://example.org/v2/simd-amd64.tar.gz\", sha256 = \"".to_string();
+    let err = invalid(&replace(
+        "library.\"linux/amd64\" = [ { url = \"https://example.org/libwasmvm.x86_64.so\", sha256 = \"",
+        &format!("library.\"linux/amd64\" = [ {{ {archive}"),
+    ));
+    assert_has(
+        &err,
+        "cvx.toml:17:27: upgrade \"v2\".library.\"linux/amd64\"[0].path: library simd-amd64.tar.gz is an archive, and no path names the library inside it",
+    );
+    assert_has(&err, "hint: add path = \"lib/libwasmvm.x86_64.so\"");
+
+    // With path: valid, and staged under the member's file name.
+    let ctx = Ctx::new();
+    ctx.manifest(&replace(
+        "library.\"linux/amd64\" = [ { url = \"https://example.org/libwasmvm.x86_64.so\", sha256 = \"",
+        &format!("library.\"linux/amd64\" = [ {{ path = \"lib/libwasmvm.x86_64.so\", {archive}"),
+    ));
+    let (out, _) = run(
+        ctx.cvx()
+            .args(["plan", "--json", "--platform", "linux/amd64"]),
+        0,
+    );
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let lib = &plan["upgrades"][1]["artifacts"][1];
+    assert_eq!(lib["destination"], "upgrades/v2/lib/libwasmvm.x86_64.so");
+    assert_eq!(lib["member"], "lib/libwasmvm.x86_64.so");
+
+    let err = invalid(&replace(
+        "library.\"linux/amd64\" = [ { url = \"https://example.org/libwasmvm.x86_64.so\", sha256 = \"",
+        &format!("library.\"linux/amd64\" = [ {{ path = \"../libwasmvm.so\", {archive}"),
+    ));
+    assert_has(
+        &err,
+        "archive member \"../libwasmvm.so\" is not a relative path inside the archive",
+    );
 }

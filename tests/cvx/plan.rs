@@ -95,7 +95,7 @@ fn empty_tree_plans_everything_and_writes_nothing() {
     assert_eq!(plan["format_version"], 1);
     assert_eq!(
         plan["summary"],
-        serde_json::json!({"fetch": 4, "replace": 0, "ok": 0, "unmanaged": 0})
+        serde_json::json!({"fetch": 4, "replace": 0, "adopt": 0, "ok": 0, "unmanaged": 0})
     );
     assert_eq!(stage(&plan, "genesis")["action"], "create");
     assert_eq!(stage(&plan, "upgrades/v2")["name"], "V2");
@@ -112,12 +112,19 @@ fn partial_tree() {
     manifest(&ctx);
     ctx.stage("genesis/bin/simd", GENESIS);
     let plan = plan_json(&ctx, 2);
+    // Staged by hand (no receipt) and equal to the pin: adopted, not fetched again.
     let genesis = stage(&plan, "genesis");
-    assert_eq!(genesis["action"], "ok");
+    assert_eq!(genesis["action"], "adopt");
     assert_eq!(genesis["artifacts"][0]["state"], "ok");
-    assert_eq!(genesis["artifacts"][0]["reason"], "sha256 matches the pin");
+    assert_eq!(genesis["artifacts"][0]["action"], "adopt");
+    assert_eq!(
+        genesis["artifacts"][0]["reason"],
+        "staged without a receipt; its sha256 matches the pin: apply writes the receipt"
+    );
+    assert_eq!(genesis["artifacts"][0]["staged_sha256"], sha256(GENESIS));
     assert_eq!(stage(&plan, "upgrades/v2")["action"], "create");
-    assert_eq!(plan["summary"]["ok"], 1);
+    assert_eq!(plan["summary"]["adopt"], 1);
+    assert_eq!(plan["summary"]["ok"], 0);
     assert_eq!(plan["summary"]["fetch"], 3);
 }
 
@@ -133,12 +140,17 @@ fn complete_tree_has_nothing_to_do() {
     ));
     stage_complete_raw(&ctx);
     let before = listing(&ctx.home);
+    // Staged by hand: every file is the pinned one, and only receipts are missing.
+    let plan = plan_json(&ctx, 2);
+    assert_eq!(plan["summary"]["adopt"], 3);
+    assert_eq!(listing(&ctx.home), before, "plan must not write");
+    run(ctx.cvx().args(["apply", "--home"]).arg(&ctx.home), 0);
+
     let plan = plan_json(&ctx, 0);
     assert_eq!(plan["summary"]["ok"], 3);
     assert_eq!(plan["current"]["action"], "ok");
     assert_eq!(plan["current"]["stage"], "genesis");
     assert_eq!(stage(&plan, "genesis")["current"], true);
-    assert_eq!(listing(&ctx.home), before, "plan must not write");
     let (human, _) = run(ctx.plan().arg("--detailed-exitcode"), 0);
     assert!(human.contains("nothing to do"), "{human}");
 }
@@ -156,14 +168,12 @@ fn tampered_files_are_replaced_with_the_reason() {
     assert_eq!(bin["state"], "mismatch");
     assert_eq!(bin["action"], "replace");
     let staged = sha256(b"#!/bin/sh\necho evil\n");
+    // Whole digests: a reader compares them with sha256sum's output.
     assert_eq!(
         bin["reason"],
-        format!(
-            "sha256 {}… differs from the pin {}…",
-            &staged[..12],
-            &sha256(V2)[..12]
-        )
+        format!("sha256 {staged} differs from the pin {}", sha256(V2))
     );
+    assert_eq!(bin["staged_sha256"], staged);
     assert_eq!(
         v2["artifacts"][1]["state"], "ok",
         "the library is untouched"

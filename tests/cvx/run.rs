@@ -111,7 +111,7 @@ fn files_under(dir: &Path) -> Vec<String> {
     out
 }
 
-fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+pub(crate) fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
     use zip::write::SimpleFileOptions;
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     let opts = SimpleFileOptions::default()
@@ -1812,7 +1812,7 @@ fn an_invalid_upgrade_info_is_logged_once_per_content() {
 
 /// An LSM-shaped database in data/ as goleveldb leaves it, plus the validator's state and the
 /// consensus WAL.
-fn lsm_data(ctx: &Ctx) {
+pub(crate) fn lsm_data(ctx: &Ctx) {
     let data = ctx.home.join("data");
     let db = data.join("application.db");
     fs::create_dir_all(&db).unwrap();
