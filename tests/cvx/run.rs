@@ -2792,3 +2792,21 @@ fn an_rpc_of_another_chain_is_not_trusted_by_the_height_gate() {
     assert_eq!(current(&ctx), "upgrades/v2");
     assert_eq!(applied(&ctx), ["v2"]);
 }
+
+#[test]
+fn a_manifest_of_governance_upgrades_adds_no_halt_height() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    let manifest = scheduled_tree(
+        &ctx,
+        "--sim-upgrade v2@3",
+        &[("v2", "--sim-handlers v2 --sim-exit-at 5 0", Some(3), "")],
+    );
+    let (_, stderr) = run_cvx(&ctx, &[("CVX_MANIFEST", manifest.as_str())], &[], 0);
+    assert_eq!(current(&ctx), "upgrades/v2", "{stderr}");
+    for version in ["genesis", "v2"] {
+        let args = starts(&ctx, version);
+        assert_eq!(args.len(), 1, "{args:?}");
+        assert!(!args[0].contains("--halt-height"), "{version}: {args:?}");
+    }
+}
