@@ -264,6 +264,7 @@ pub fn restore(
     copier
         .copy_tree(&record.path, &partial, true)
         .and_then(|()| crate::owner::give_tree(owner, &partial))
+        .and_then(|()| copier.sync())
         .and_then(|()| sync_dir(home))
         .map_err(|e| {
             let _ = fs::remove_dir_all(&partial);
@@ -376,7 +377,13 @@ struct Copier<'a> {
     files_linked: u64,
     /// The newest mtime of anything written or linked into the copy.
     newest_ns: i128,
+    /// Written, not yet synced: files, then the directories that name them.
+    unsynced: Vec<File>,
+    dirs: Vec<PathBuf>,
 }
+
+/// Copied files held open for the final sync, at most: beyond, they are synced as they come.
+const UNSYNCED: usize = 256;
 
 impl<'a> Copier<'a> {
     fn new(cancel: &'a AtomicBool, same_device: bool) -> Self {
@@ -392,6 +399,8 @@ impl<'a> Copier<'a> {
             bytes_linked: 0,
             files_linked: 0,
             newest_ns: 0,
+            unsynced: Vec::new(),
+            dirs: Vec::new(),
         }
     }
 
@@ -420,6 +429,7 @@ impl<'a> Copier<'a> {
                 }
                 Err(e) => return Err(e),
             }
+            self.sync()?;
             sync_dir(parent)?;
             fs::rename(partial, to)?;
             sync_dir(parent)
@@ -442,9 +452,8 @@ impl<'a> Copier<'a> {
                 self.copy_tree(&entry.path(), &to.join(entry.file_name()), database)?;
             }
             fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-            // Per file and directory, not syncfs: that would also flush whatever else is dirty on
-            // the disk (the node's own recent writes), a cost no one could predict.
-            sync_dir(to)
+            self.dirs.push(to.to_path_buf());
+            Ok(())
         } else if file_type.is_symlink() {
             std::os::unix::fs::symlink(fs::read_link(from)?, to)
         } else if file_type.is_file() {
@@ -515,9 +524,28 @@ impl<'a> Copier<'a> {
             }
         }
         out.flush()?;
-        out.sync_all()?;
         self.newest_ns = self.newest_ns.max(mtime_ns(&out.metadata()?));
         self.files_copied += 1;
+        if self.unsynced.len() >= UNSYNCED {
+            out.sync_all()?;
+        } else {
+            self.unsynced.push(out);
+        }
+        Ok(())
+    }
+
+    /// Make everything written durable: the files first, then the directories naming them,
+    /// deepest first. Synced together at the end, the file system commits them in one journal
+    /// transaction or few (each fsync right after its copy would wait for a commit of its own);
+    /// not syncfs, which would also flush whatever else is dirty on the disk, at a cost no one
+    /// could predict.
+    fn sync(&mut self) -> io::Result<()> {
+        for file in self.unsynced.drain(..) {
+            file.sync_all()?;
+        }
+        for dir in self.dirs.drain(..).rev() {
+            sync_dir(&dir)?;
+        }
         Ok(())
     }
 }

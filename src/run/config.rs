@@ -535,6 +535,7 @@ fn load_inner(
         hook: hook.map(|program| super::history::Hook {
             program,
             timeout: hook_timeout,
+            turn: Default::default(),
         }),
         custom_preupgrade_timeout,
         preupgrade_timeout,

@@ -100,6 +100,9 @@ pub fn read(layout: &Layout) -> io::Result<Vec<Entry>> {
 pub struct Hook {
     pub program: PathBuf,
     pub timeout: Duration,
+    /// One run at a time, in the order they were asked for (tokio's mutex is fair): `detected`
+    /// is delivered before `failed` even when the upgrade fails while it runs.
+    pub turn: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// What the hook gets on stdin.
@@ -117,6 +120,7 @@ impl Hook {
     /// Run the hook with `event` on stdin; kill it past the timeout. Errors are logged, never
     /// returned: a broken notifier must not change what happens to the node.
     pub async fn run(&self, event: &Event<'_>) {
+        let _turn = self.turn.lock().await;
         let json = match serde_json::to_vec(event) {
             Ok(json) => json,
             Err(e) => {
