@@ -1247,29 +1247,10 @@ fn unsafe_skip_upgrades_without_a_file_at_start() {
 fn a_binary_changed_after_apply_staged_it_is_never_run() {
     let ctx = Ctx::new();
     let _reaper = Reaper(ctx.home.clone());
-    let g = wrapper("--sim-version v1.0.0 --sim-upgrade v2@3");
-    let v2 = wrapper("--sim-version v2.0.0 --sim-handlers v2 --sim-exit-at 5 0");
-    let (g_src, v2_src) = (ctx.path("g-src"), ctx.path("v2-src"));
-    fs::write(&g_src, &g).unwrap();
-    fs::write(&v2_src, &v2).unwrap();
-    let p = platform();
-    ctx.manifest(&format!(
-        "[chain]\nid = \"t-1\"\ndaemon = \"{DAEMON}\"\n[genesis]\nbinary.\"{p}\" = {{ url = \"{}\", sha256 = \"{}\" }}\n[[upgrade]]\nname = \"v2\"\nbinary.\"{p}\" = {{ url = \"{}\", sha256 = \"{}\" }}\n",
-        g_src.display(),
-        sha256(&g),
-        v2_src.display(),
-        sha256(&v2)
-    ));
-    let out = Command::new(CVX)
-        .current_dir(ctx.dir.path())
-        .args(["apply", "-q", "--home"])
-        .arg(&ctx.home)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (_, v2) = applied_tree(
+        &ctx,
+        "--sim-version v1.0.0 --sim-upgrade v2@3",
+        "--sim-version v2.0.0 --sim-handlers v2 --sim-exit-at 5 0",
     );
 
     // Same length, other bytes: only the receipt's identity and hash can tell.
