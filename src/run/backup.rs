@@ -461,7 +461,6 @@ impl<'a> Copier<'a> {
             if is_table(name, in_database) && self.share(from, to, &meta)? {
                 self.bytes_linked += meta.len();
                 self.files_linked += 1;
-                self.newest_ns = self.newest_ns.max(mtime_ns(&fs::metadata(to)?));
                 return Ok(());
             }
             self.copy_file(from, to, &meta)
@@ -483,7 +482,12 @@ impl<'a> Copier<'a> {
                 .mode(meta.mode() & 0o7777)
                 .open(to)?;
             match rustix::fs::ioctl_ficlone(&out, &source) {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    // A clone is a new file: its own time, and its extents to make durable.
+                    self.newest_ns = self.newest_ns.max(mtime_ns(&out.metadata()?));
+                    self.hold(out)?;
+                    return Ok(true);
+                }
                 Err(_) => {
                     // Not on this file system (ext4, tmpfs) or not across these two files.
                     drop(out);
@@ -494,7 +498,11 @@ impl<'a> Copier<'a> {
         }
         if self.sharing == Sharing::HardLink {
             match fs::hard_link(from, to) {
-                Ok(()) => return Ok(true),
+                Ok(()) => {
+                    // The same inode: the source's time is the link's.
+                    self.newest_ns = self.newest_ns.max(mtime_ns(meta));
+                    return Ok(true);
+                }
                 Err(e) => {
                     tracing::debug!(
                         "cannot hard-link {} ({e}); copying table files instead",
@@ -526,12 +534,17 @@ impl<'a> Copier<'a> {
         out.flush()?;
         self.newest_ns = self.newest_ns.max(mtime_ns(&out.metadata()?));
         self.files_copied += 1;
+        self.hold(out)
+    }
+
+    /// Keep `file` open for the final sync; past UNSYNCED held files, sync it now instead.
+    fn hold(&mut self, file: File) -> io::Result<()> {
         if self.unsynced.len() >= UNSYNCED {
-            out.sync_all()?;
+            file.sync_all()
         } else {
-            self.unsynced.push(out);
+            self.unsynced.push(file);
+            Ok(())
         }
-        Ok(())
     }
 
     /// Make everything written durable: the files first, then the directories naming them,
