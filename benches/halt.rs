@@ -150,7 +150,8 @@ fn flavour_run(flavour: &str) -> Result<Vec<f64>> {
         .map_err(|e| format!("cannot start {CVX}: {e}"))?;
     let last = stamps.join(format!("start-v{}", UPGRADES + 1));
     let started = Instant::now();
-    while !last.exists() {
+    // The stamp written, not just its file created: the shell opens it before `date` writes.
+    while !read_stamps(&last).is_ok_and(|s| !s.is_empty()) {
         if started.elapsed() > DEADLINE || child.try_wait().map_err(|e| e.to_string())?.is_some() {
             let _ = child.kill();
             return Err(format!(
