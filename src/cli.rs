@@ -315,6 +315,8 @@ pub enum Error {
     Demo(#[from] crate::demo::DemoError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot write the man page to stdout")]
+    ManPage(#[source] std::io::Error),
     #[error(transparent)]
     Import(#[from] crate::import::ImportError),
     #[error(transparent)]
@@ -356,7 +358,7 @@ impl Error {
             Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other cvx to finish, or raise --lock-timeout".into()),
             Error::Apply(_) => None,
             Error::Run(e) => e.hint(),
-            Error::Usage(_) | Error::Runtime(_) => None,
+            Error::Usage(_) | Error::Runtime(_) | Error::ManPage(_) => None,
             Error::Drift(_) => Some("--node takes the node's REST endpoint (api.address in app.toml), e.g. http://127.0.0.1:1317".into()),
             Error::Demo(_) => Some("rerun with --keep to inspect the rehearsal's files".into()),
             Error::Import(e) => e.hint(),
@@ -484,11 +486,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                         Err(e)
                     }
                 })
-                .map_err(|source| ApplyError::Io {
-                    action: "write the man page to",
-                    path: "stdout".into(),
-                    source,
-                })?;
+                .map_err(Error::ManPage)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -503,16 +501,7 @@ pub fn schema(which: SchemaKind) -> String {
     }
 }
 
-/// The host's platform in Go's names, as manifests key binaries.
-pub fn host_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
-    };
-    format!("{}/{arch}", std::env::consts::OS)
-}
+pub use crate::platform::host_platform;
 
 /// A Cosmovisor-style boolean: true/false in any case, or empty for false.
 pub fn env_bool(name: &'static str) -> Result<bool, Error> {
@@ -870,12 +859,21 @@ fn run_rollback(args: RollbackArgs) -> Result<ExitCode, Error> {
 
 /// `cvx import chain-registry`: see [`crate::import`].
 fn run_import(source: crate::import::ImportCommand) -> Result<ExitCode, Error> {
-    crate::import::run(source)
+    crate::import::run(source)?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `cvx pin [--verify]`: see [`crate::pin`].
 fn run_pin(args: crate::pin::PinArgs) -> Result<ExitCode, Error> {
-    crate::pin::run(args)
+    use crate::pin::PinError;
+    match crate::pin::run(args) {
+        Ok(true) => Ok(ExitCode::from(exit::OK)),
+        Ok(false) => Ok(ExitCode::from(exit::ERROR)),
+        // The manifest's own errors render as every other command's (problems, hints).
+        Err(PinError::Manifest(e)) => Err(Error::Manifest(e)),
+        Err(PinError::Runtime(e)) => Err(Error::Runtime(e)),
+        Err(e) => Err(Error::Pin(e)),
+    }
 }
 
 /// A runtime for the commands that do network I/O.

@@ -210,7 +210,7 @@ fn write_artifacts_and_manifest(
             .map_err(io(format!("hash {name}")))
     };
 
-    let platform = crate::cli::host_platform();
+    let platform = crate::platform::host_platform();
     let manifest = format!(
         r#"# Written by `cvx demo`: four builds of a simulated node, served from {base}.
 [chain]

@@ -26,7 +26,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use serde::Deserialize;
 use toml_edit::{Array, DocumentMut, InlineTable, Item, Table, Value};
@@ -125,6 +124,8 @@ pub enum ImportError {
     UnknownVersion { name: String, names: Vec<String> },
     #[error("the registry has no version to import")]
     NoVersions,
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
     #[error("{flag} chooses among versions.json's versions, and none was given")]
     NeedsVersions { flag: &'static str },
     #[error("registry version {name:?} lists no binary cvx can stage{detail}")]
@@ -308,12 +309,12 @@ struct Binary {
 }
 
 /// `cvx import chain-registry`: read, convert, write, report.
-pub fn run(command: ImportCommand) -> Result<ExitCode, crate::cli::Error> {
+pub fn run(command: ImportCommand) -> Result<(), ImportError> {
     let ImportCommand::ChainRegistry(args) = command;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(crate::cli::Error::Runtime)?;
+        .map_err(ImportError::Runtime)?;
     let inputs = runtime.block_on(read_inputs(&args.sources))?;
     let options = Options {
         from: args.from.clone(),
@@ -338,7 +339,7 @@ pub fn run(command: ImportCommand) -> Result<ExitCode, crate::cli::Error> {
         }
     }
     if args.quiet {
-        return Ok(ExitCode::SUCCESS);
+        return Ok(());
     }
     for note in &imported.notes {
         eprintln!("note: {note}");
@@ -376,7 +377,7 @@ pub fn run(command: ImportCommand) -> Result<ExitCode, crate::cli::Error> {
             "{target} is NOT valid until those are pinned: run `{pin}` (it downloads each and pins what it serves)"
         );
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// The command that regenerates the manifest: sources and the options that shape it.

@@ -759,20 +759,7 @@ fn supervisor_human(supervisor: Option<&crate::status::Supervisor>, c: Colors) -
     line
 }
 
-/// An error and its causes on one line, for per-action reports and logs.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
-    message
-}
+pub use crate::errors::error_chain;
 
 /// GitHub Actions workflow commands (`::error file=F,line=L,col=C,title=T::message`), one per
 /// line: the runner turns each into an annotation on that line of the pull request. A third

@@ -958,7 +958,7 @@ fn targets(
     layout: &Layout,
     keep: impl Fn(&crate::plan::ArtifactPlan) -> bool,
 ) -> Vec<Target> {
-    if plan.platform != crate::cli::host_platform() {
+    if plan.platform != crate::platform::host_platform() {
         return Vec::new();
     }
     // Absolute: `version` runs in a temp dir, with the stage's lib/ on LD_LIBRARY_PATH.

@@ -27,8 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 use tracing::{debug, warn};
 use url::Url;
 
+use crate::errors::error_chain;
 use crate::hash::Sha256;
-use crate::render::error_chain;
 
 /// Redirects followed before giving up (a loop, or a misconfigured mirror).
 const MAX_REDIRECTS: usize = 10;

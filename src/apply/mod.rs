@@ -16,11 +16,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::errors::error_chain;
 use crate::plan::{
     ArtifactAction, ArtifactKind, ArtifactPlan, ArtifactState, LinkAction, Plan, StagePlan,
 };
 use crate::receipt::{self, FileIdentity, Receipt};
-use crate::render::error_chain;
 use crate::tree::Layout;
 use fetch::{FetchError, FetchOptions};
 use install::InstallError;

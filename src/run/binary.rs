@@ -83,7 +83,7 @@ impl Pins {
         Ok(Some(Pins {
             path: path.to_path_buf(),
             manifest: loaded.manifest,
-            platform: crate::cli::host_platform(),
+            platform: crate::platform::host_platform(),
             recase,
         }))
     }

@@ -353,7 +353,7 @@ impl Metrics {
                 }
                 Err(e) => {
                     facts.upgrades.failure += 1;
-                    (UpgradeResult::Failure, Some(crate::render::error_chain(e)))
+                    (UpgradeResult::Failure, Some(crate::errors::error_chain(e)))
                 }
             };
             facts.last_upgrade = Some(LastUpgrade {

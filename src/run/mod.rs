@@ -715,7 +715,7 @@ impl Detected {
             }
             (Err(source), _) => {
                 self.entry.result = "failed".into();
-                self.entry.error = Some(crate::render::error_chain(&source));
+                self.entry.error = Some(crate::errors::error_chain(&source));
                 self.record(config, layout, "failed").await;
                 return Err(RunError::Upgrade {
                     name: plan.name.clone(),

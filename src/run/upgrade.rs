@@ -21,7 +21,7 @@ use super::backup::{self, BackupError};
 use super::binary::{self, BinaryError, Pins};
 use super::config::Config;
 use crate::apply::{self, fetch, install};
-use crate::render::error_chain;
+use crate::errors::error_chain;
 use crate::tree::{self, Layout, PlanInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -449,7 +449,7 @@ async fn download_source(
             artifact.path.clone(),
         ));
     }
-    let platform = crate::cli::host_platform();
+    let platform = crate::platform::host_platform();
     let binaries = plan_binaries(&plan.info).await?;
     let url = binaries
         .get(&platform)
