@@ -4,6 +4,8 @@
 //! finds with its line and column, and only then turned into the types below, which the rest of
 //! cvx uses. The same types generate `schemas/manifest.schema.json`, and a test checks that serde
 //! reads every example to the same value as the walker, so the schema and the walker cannot drift.
+//!
+//! Owns the manifest's format and validation. Must not touch the tree or the network.
 
 mod read;
 
