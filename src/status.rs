@@ -3,10 +3,12 @@
 //! recorded under `.cvx/` (the facts its metrics show, DESIGN §5.3).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::Serialize;
 
+use crate::apply::fetch::{self, FetchOptions};
 use crate::plan::{ArtifactKind, ArtifactState, PendingPlan, Plan, StageAction};
 
 // What `cvx run start` recorded: the supervisor owns the record, status shows it.
@@ -155,9 +157,28 @@ pub async fn node(home: Option<&Path>, chain_id: &str) -> Node {
         reason: format!("unknown: {why}"),
         ..Node::default()
     };
+    // Through the fetch layer's client, as quick as the supervisor's own polls: a local RPC
+    // that does not answer in 2 s is reported, not waited for.
+    let options = FetchOptions {
+        connect_timeout: Duration::from_secs(2),
+        read_timeout: Duration::from_secs(2),
+        retries: 0,
+        ..FetchOptions::default()
+    };
+    let client = fetch::client(&options).ok();
     let get = |path: String| {
-        let rpc = rpc.clone();
-        async move { crate::run::watch::rpc_get(&rpc, &path).await }
+        let (rpc, client, options) = (rpc.clone(), client.clone(), options.clone());
+        async move {
+            let bytes = fetch::read(
+                &client?,
+                &format!("{rpc}{path}"),
+                fetch::MAX_DOCUMENT,
+                &options,
+            )
+            .await
+            .ok()?;
+            serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+        }
     };
     let Some(status) = get("/status".into()).await else {
         return unknown(format!("the node's RPC at {rpc} does not answer"));

@@ -492,38 +492,12 @@ async fn read_source(
             Some(c) => c,
             None => client.insert(fetch::client(&FetchOptions::default()).map_err(download)?),
         };
-        let mut response = client.get(source).send().await.map_err(|e| {
-            download(FetchError::Request {
-                url: source.to_string(),
-                source: e,
-            })
-        })?;
-        if !response.status().is_success() {
-            return Err(download(FetchError::Status {
-                url: source.to_string(),
-                status: response.status(),
-            }));
-        }
-        if response
-            .content_length()
-            .is_some_and(|n| n > MAX_SOURCE_SIZE)
-        {
-            return Err(too_large());
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| {
-            download(FetchError::Body {
-                url: source.to_string(),
-                received: body.len() as u64,
-                source: e,
-            })
-        })? {
-            body.extend_from_slice(&chunk);
-            if body.len() as u64 > MAX_SOURCE_SIZE {
-                return Err(too_large());
-            }
-        }
-        return Ok(body);
+        return fetch::read(client, source, MAX_SOURCE_SIZE, &FetchOptions::default())
+            .await
+            .map_err(|e| match e {
+                FetchError::TooLarge { .. } => too_large(),
+                e => download(e),
+            });
     }
     let path = match source.strip_prefix("file://") {
         Some(_) => url::Url::parse(source)

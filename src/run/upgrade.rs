@@ -480,24 +480,16 @@ async fn plan_binaries(info: &str) -> Result<std::collections::BTreeMap<String, 
     let json = if info.starts_with('{') {
         info.as_bytes().to_vec()
     } else if info.starts_with("http://") || info.starts_with("https://") {
-        let client = fetch::client(&fetch::FetchOptions::default()).map_err(|e| error_chain(&e))?;
-        let response = client
-            .get(info)
-            .timeout(Duration::from_secs(30))
-            .send()
+        let options = fetch::FetchOptions::default();
+        let client = fetch::client(&options).map_err(|e| error_chain(&e))?;
+        fetch::read(&client, info, fetch::MAX_DOCUMENT, &options)
             .await
-            .and_then(|r| r.error_for_status())
             .map_err(|e| {
                 format!(
                     "cannot fetch the plan's info from {info}: {}",
                     error_chain(&e)
                 )
-            })?;
-        response
-            .bytes()
-            .await
-            .map_err(|e| format!("cannot read the plan's info from {info}: {e}"))?
-            .to_vec()
+            })?
     } else if info.is_empty() {
         return Err("the plan carries no info to download from".into());
     } else {
