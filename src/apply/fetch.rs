@@ -404,7 +404,7 @@ pub async fn fetch(
 }
 
 fn normalize_sha256(url: &str, sha: &str) -> Result<String, FetchError> {
-    if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if crate::hash::is_sha256_hex(sha) {
         Ok(sha.to_ascii_lowercase())
     } else {
         Err(FetchError::InvalidChecksum {
@@ -865,7 +865,6 @@ pub fn split_checksum(url: &str) -> (String, Option<String>, Option<String>) {
         stripped.push('#');
         stripped.push_str(fragment);
     }
-    let is_sha256 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
     let (sha, note) = match checksum {
         None => (None, None),
         Some(c) => {
@@ -875,7 +874,7 @@ pub fn split_checksum(url: &str) -> (String, Option<String>, Option<String>) {
                 Some(_) => None,
                 None => Some(c),
             };
-            match hex.filter(|h| is_sha256(h)) {
+            match hex.filter(|h| crate::hash::is_sha256_hex(h)) {
                 Some(hex) => (Some(hex.to_ascii_lowercase()), None),
                 None => (
                     None,
@@ -907,12 +906,7 @@ pub async fn digest(
 ) -> Result<Digest, FetchError> {
     let url = match Origin::parse(source)? {
         Origin::Local(path) => {
-            let io = |e| FetchError::Io {
-                url: source.to_owned(),
-                action: "read",
-                path: path.clone(),
-                source: e,
-            };
+            let io = |e| read_error(source, &path, e);
             let mut file = File::open(&path).await.map_err(io)?;
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; CHUNK];
@@ -956,6 +950,16 @@ pub async fn digest(
     .await
 }
 
+/// A local source that could not be read.
+fn read_error(source: &str, path: &Path, error: io::Error) -> FetchError {
+    FetchError::Io {
+        url: source.to_owned(),
+        action: "read",
+        path: path.to_path_buf(),
+        source: error,
+    }
+}
+
 /// The largest document [`read`] takes by default: a plan's info or a REST answer is a few KiB.
 pub const MAX_DOCUMENT: u64 = 8 << 20;
 
@@ -970,12 +974,7 @@ pub async fn read(
 ) -> Result<Vec<u8>, FetchError> {
     let url = match Origin::parse(source)? {
         Origin::Local(path) => {
-            let io = |e| FetchError::Io {
-                url: source.to_owned(),
-                action: "read",
-                path: path.clone(),
-                source: e,
-            };
+            let io = |e| read_error(source, &path, e);
             let mut body = Vec::new();
             File::open(&path)
                 .await

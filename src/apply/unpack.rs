@@ -1228,6 +1228,12 @@ fn climbs_through(name: &str, target: &str, links: &HashSet<&str>) -> Option<Str
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_suffix_table_covers_the_manifests_archive_suffixes() {
+        let suffixes: Vec<&str> = super::SUFFIXES.iter().map(|(s, _)| *s).collect();
+        assert_eq!(suffixes, crate::manifest::ARCHIVE_SUFFIXES);
+    }
+
     use super::*;
     use std::io::Cursor;
 

@@ -555,9 +555,6 @@ fn height(value: Option<&serde_json::Value>) -> Result<Option<u64>, String> {
 /// Why a download cannot be what cvx stages as the daemon, judged by its file name: a package or
 /// an installer, an archive cvx does not unpack, a checksum or a signature.
 fn not_a_binary(url: &str) -> Option<String> {
-    const UNPACKED: &[&str] = &[
-        ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
-    ];
     const KINDS: &[(&str, &str)] = &[
         (".deb", "a Debian package"),
         (".rpm", "an RPM package"),
@@ -596,7 +593,7 @@ fn not_a_binary(url: &str) -> Option<String> {
         (".sig", "a signature"),
     ];
     let name = crate::manifest::url_file_name(url)?.to_ascii_lowercase();
-    if UNPACKED.iter().any(|ext| name.ends_with(ext)) {
+    if crate::manifest::is_archive_url(url) {
         return None;
     }
     KINDS
