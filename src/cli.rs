@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use std::sync::Arc;
 
 use crate::apply::{self, ApplyError, fetch::FetchOptions};
+use crate::checks::PlanReport;
 use crate::manifest::{self, Loaded, ManifestError, Problem};
 use crate::plan::{self, Plan, PlanInput};
 use crate::render::{self, Colors};
@@ -72,10 +73,10 @@ pub enum Command {
     /// Write a manifest from another source of truth (the chain registry).
     Import {
         #[command(subcommand)]
-        source: crate::import::ImportCommand,
+        source: crate::author::import::ImportCommand,
     },
     /// Fill every empty sha256 in the manifest by downloading the artifact (trust on first use).
-    Pin(crate::pin::PinArgs),
+    Pin(crate::author::pin::PinArgs),
     /// Print a shell completion script, e.g. `cvx completions bash > /etc/bash_completion.d/cvx`.
     Completions { shell: clap_complete::Shell },
     /// The simulated node that `cvx demo` rehearses with (also the `simnode` binary).
@@ -287,7 +288,7 @@ impl Command {
             | Command::Rollback(RollbackArgs { home, .. }) => (home.quiet, home.verbose),
             Command::Pin(args) => (args.quiet, args.verbose),
             Command::Import {
-                source: crate::import::ImportCommand::ChainRegistry(args),
+                source: crate::author::import::ImportCommand::ChainRegistry(args),
             } => (args.quiet, args.verbose),
             _ => (false, 0),
         };
@@ -315,12 +316,14 @@ pub enum Error {
     Demo(#[from] crate::demo::DemoError),
     #[error("cannot start the async runtime")]
     Runtime(#[source] std::io::Error),
+    #[error("cannot write the man page to stdout")]
+    ManPage(#[source] std::io::Error),
     #[error(transparent)]
-    Import(#[from] crate::import::ImportError),
+    Import(#[from] crate::author::import::ImportError),
     #[error(transparent)]
-    Pin(#[from] crate::pin::PinError),
+    Pin(#[from] crate::author::pin::PinError),
     #[error(transparent)]
-    Drift(#[from] crate::drift::DriftError),
+    Drift(#[from] crate::checks::drift::DriftError),
     #[error(transparent)]
     Rollback(#[from] crate::run::rollback::RollbackError),
 }
@@ -356,7 +359,7 @@ impl Error {
             Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other cvx to finish, or raise --lock-timeout".into()),
             Error::Apply(_) => None,
             Error::Run(e) => e.hint(),
-            Error::Usage(_) | Error::Runtime(_) => None,
+            Error::Usage(_) | Error::Runtime(_) | Error::ManPage(_) => None,
             Error::Drift(_) => Some("--node takes the node's REST endpoint (api.address in app.toml), e.g. http://127.0.0.1:1317".into()),
             Error::Demo(_) => Some("rerun with --keep to inspect the rehearsal's files".into()),
             Error::Import(e) => e.hint(),
@@ -449,7 +452,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
             print!("{}", schema(args.which));
             Ok(ExitCode::SUCCESS)
         }
-        Command::Simnode { args } => Ok(crate::simnode::main(args)),
+        Command::Simnode { args } => Ok(crate::demo::simnode::main(args)),
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut command, "cvx", &mut std::io::stdout());
@@ -484,11 +487,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
                         Err(e)
                     }
                 })
-                .map_err(|source| ApplyError::Io {
-                    action: "write the man page to",
-                    path: "stdout".into(),
-                    source,
-                })?;
+                .map_err(Error::ManPage)?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -498,21 +497,12 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
 pub fn schema(which: SchemaKind) -> String {
     match which {
         SchemaKind::Manifest => render::json(&schemars::schema_for!(manifest::Manifest)),
-        SchemaKind::Plan => render::json(&schemars::schema_for!(Plan)),
+        SchemaKind::Plan => render::json(&schemars::schema_for!(PlanReport)),
         SchemaKind::Status => render::json(&schemars::schema_for!(crate::status::Status)),
     }
 }
 
-/// The host's platform in Go's names, as manifests key binaries.
-pub fn host_platform() -> String {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
-    };
-    format!("{}/{arch}", std::env::consts::OS)
-}
+pub use crate::platform::host_platform;
 
 /// A Cosmovisor-style boolean: true/false in any case, or empty for false.
 pub fn env_bool(name: &'static str) -> Result<bool, Error> {
@@ -630,18 +620,19 @@ fn error_annotations(manifest: &Path, err: &Error) -> String {
 fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
     let loaded = manifest::load(&args.common.manifest)?;
     let home = home(&args.common, &loaded);
-    let mut plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;
+    let plan = compute_plan(&loaded, home, args.platform.as_deref(), args.verify)?;
     // Will it run here: staged, verified binaries of this host (src/runnable.rs); `version` is
     // executed only when asked.
     let execute = if args.run_version {
-        crate::runnable::Execute::Version
+        crate::checks::runnable::Execute::Version
     } else {
-        crate::runnable::Execute::Nothing
+        crate::checks::runnable::Execute::Nothing
     };
-    plan.runnable = crate::runnable::check_plan(&plan, execute);
+    let mut report = PlanReport::new(plan);
+    report.runnable = crate::checks::runnable::check_plan(&report.plan, execute);
     if args.verify_remote {
-        plan.remote = runtime()?
-            .block_on(crate::verify::verify_remote(
+        report.remote = runtime()?
+            .block_on(crate::checks::remote::verify_remote(
                 &loaded.manifest,
                 usize::from(args.jobs),
                 &FetchOptions::default(),
@@ -649,7 +640,7 @@ fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
             .map_err(ApplyError::from)?;
     }
     if let Some(node) = &args.node {
-        let mut drift = runtime()?.block_on(crate::drift::check(&loaded.manifest, node))?;
+        let mut drift = runtime()?.block_on(crate::checks::drift::check(&loaded.manifest, node))?;
         // Each finding at its line of the manifest, as validation errors are shown.
         let source = std::fs::read_to_string(&loaded.path).unwrap_or_default();
         let file = loaded.path.display().to_string();
@@ -661,12 +652,12 @@ fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
                 .and_then(|k| manifest.locate(k))
                 .map(|(line, column)| format!("{file}:{line}:{column}"));
         }
-        plan.drift = Some(drift);
+        report.drift = Some(drift);
     }
     if args.common.json {
-        print!("{}", render::json(&plan));
+        print!("{}", render::json(&report));
     } else {
-        print!("{}", render::plan_human(&plan, Colors::for_stdout()));
+        print!("{}", render::plan_human(&report, Colors::for_stdout()));
     }
     if args.annotations == Some(Annotations::Github) {
         let file = annotation_file(&loaded.path);
@@ -676,14 +667,14 @@ fn plan_command(args: &PlanArgs) -> Result<ExitCode, Error> {
         eprint!(
             "{}{}",
             render::github::problems(&file, &loaded.warnings, render::github::Level::Warning),
-            render::github::plan(&manifest, &plan)
+            render::github::plan(&manifest, &report)
         );
     }
-    let code = if plan.remote.iter().any(|c| !c.ok)
-        || plan.drift.as_ref().is_some_and(|d| d.has_errors())
+    let code = if report.remote.iter().any(|c| !c.ok)
+        || report.drift.as_ref().is_some_and(|d| d.has_errors())
     {
         exit::ERROR
-    } else if args.detailed_exitcode && plan.has_changes() {
+    } else if args.detailed_exitcode && report.plan.has_changes() {
         exit::CHANGES
     } else {
         exit::OK
@@ -746,12 +737,12 @@ fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
         if args.common.json || args.common.quiet || !std::io::stderr().is_terminal() {
             Arc::new(apply::Silent)
         } else {
-            Arc::new(crate::progress::Bars::new())
+            Arc::new(crate::apply::progress::Bars::new())
         }
     };
     let mut report = runtime()?.block_on(apply::execute(&plan, &layout, &options, reporter))?;
     // Will it run here: warnings, or with --strict a failure (src/runnable.rs).
-    crate::runnable::after_apply(&mut report, &plan, &layout, args.strict);
+    crate::checks::runnable::after_apply(&mut report, &plan, &layout, args.strict);
     locate_actions(&mut report, &loaded);
     Ok(report)
 }
@@ -868,14 +859,23 @@ fn run_rollback(args: RollbackArgs) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `cvx import chain-registry`: see [`crate::import`].
-fn run_import(source: crate::import::ImportCommand) -> Result<ExitCode, Error> {
-    crate::import::run(source)
+/// `cvx import chain-registry`: see [`crate::author::import`].
+fn run_import(source: crate::author::import::ImportCommand) -> Result<ExitCode, Error> {
+    crate::author::import::run(source)?;
+    Ok(ExitCode::SUCCESS)
 }
 
-/// `cvx pin [--verify]`: see [`crate::pin`].
-fn run_pin(args: crate::pin::PinArgs) -> Result<ExitCode, Error> {
-    crate::pin::run(args)
+/// `cvx pin [--verify]`: see [`crate::author::pin`].
+fn run_pin(args: crate::author::pin::PinArgs) -> Result<ExitCode, Error> {
+    use crate::author::pin::PinError;
+    match crate::author::pin::run(args) {
+        Ok(true) => Ok(ExitCode::from(exit::OK)),
+        Ok(false) => Ok(ExitCode::from(exit::ERROR)),
+        // The manifest's own errors render as every other command's (problems, hints).
+        Err(PinError::Manifest(e)) => Err(Error::Manifest(e)),
+        Err(PinError::Runtime(e)) => Err(Error::Runtime(e)),
+        Err(e) => Err(Error::Pin(e)),
+    }
 }
 
 /// A runtime for the commands that do network I/O.

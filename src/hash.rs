@@ -60,6 +60,12 @@ pub fn sha256_file(path: &Path) -> io::Result<(String, u64)> {
     sha256_reader(File::open(path)?)
 }
 
+/// Whether `s` is a sha256 written as 64 hex digits (either case), as manifests, `?checksum=`
+/// parameters and fetch's arguments carry it.
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

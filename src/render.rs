@@ -1,11 +1,15 @@
 //! Two renderers of one result value: for a person, and as one JSON document.
+//!
+//! Owns presentation only: it draws the values the stages return (the plan with its checks, the
+//! apply report, the status) and must not compute, fetch or read files.
 
 use std::fmt::Write as _;
 
 use serde::Serialize;
 
 use crate::apply::{Report, Status};
-use crate::plan::{ArtifactAction, LinkAction, PendingState, Plan, StageAction};
+use crate::checks::PlanReport;
+use crate::plan::{ArtifactAction, LinkAction, PendingState, StageAction};
 
 /// ANSI colour, only when the output is a terminal and NO_COLOR is unset.
 #[derive(Debug, Clone, Copy)]
@@ -179,7 +183,8 @@ pub fn json<T: Serialize>(value: &T) -> String {
 }
 
 /// The plan for a person: grouped by stage, one line per action with its reason.
-pub fn plan_human(plan: &Plan, c: Colors) -> String {
+pub fn plan_human(report: &PlanReport, c: Colors) -> String {
+    let plan = &report.plan;
     let mut out = String::new();
     let home = match &plan.home {
         Some(home) => home.display().to_string(),
@@ -292,16 +297,16 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         pending.reason
     );
 
-    if !plan.remote.is_empty() {
-        let failed = plan.remote.iter().filter(|r| !r.ok).count();
+    if !report.remote.is_empty() {
+        let failed = report.remote.iter().filter(|r| !r.ok).count();
         let _ = writeln!(
             out,
             "\n{} {} artifacts downloaded and checked, {} ok, {failed} failed",
             c.bold("remote:"),
-            plan.remote.len(),
-            plan.remote.len() - failed
+            report.remote.len(),
+            report.remote.len() - failed
         );
-        for r in &plan.remote {
+        for r in &report.remote {
             let mark = if r.ok { c.green("ok  ") } else { c.red("FAIL") };
             let status = r.http_status.map(|s| format!("{s}, ")).unwrap_or_default();
             let size = r
@@ -325,7 +330,7 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         }
     }
 
-    if let Some(drift) = &plan.drift {
+    if let Some(drift) = &report.drift {
         match drift.latest_height {
             Some(height) => {
                 let scheduled = match &drift.current_plan {
@@ -367,9 +372,9 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         // Each finding as a compiler would show it: where the manifest says it, then what.
         for f in &drift.findings {
             let label = match (f.severity, drift.trusted) {
-                (crate::drift::Severity::Error, _) => c.red("error:"),
-                (crate::drift::Severity::Warning, true) => c.yellow("stale:"),
-                (crate::drift::Severity::Warning, false) => c.yellow("warning:"),
+                (crate::checks::drift::Severity::Error, _) => c.red("error:"),
+                (crate::checks::drift::Severity::Warning, true) => c.yellow("stale:"),
+                (crate::checks::drift::Severity::Warning, false) => c.yellow("warning:"),
             };
             let at = f
                 .location
@@ -385,13 +390,13 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
         }
     }
 
-    if !plan.warnings.is_empty() || !plan.runnable.is_empty() {
+    if !plan.warnings.is_empty() || !report.runnable.is_empty() {
         out.push('\n');
         for w in &plan.warnings {
             let _ = writeln!(out, "{} {w}", c.yellow("warning:"));
         }
         // Will it run here (src/runnable.rs): one line per finding.
-        for r in &plan.runnable {
+        for r in &report.runnable {
             for f in &r.findings {
                 let _ = writeln!(
                     out,
@@ -423,17 +428,17 @@ pub fn plan_human(plan: &Plan, c: Colors) -> String {
     // The verdict agrees with the exit code: a failed remote check or drift that breaks the node
     // fails the plan, whatever else it says.
     let mut failures = Vec::new();
-    let remote_failed = plan.remote.iter().filter(|r| !r.ok).count();
+    let remote_failed = report.remote.iter().filter(|r| !r.ok).count();
     if remote_failed > 0 {
         failures.push(format!(
             "{remote_failed} remote check{} failed",
             plural(remote_failed)
         ));
     }
-    let drift_errors = plan.drift.as_ref().map_or(0, |d| {
+    let drift_errors = report.drift.as_ref().map_or(0, |d| {
         d.findings
             .iter()
-            .filter(|f| f.severity == crate::drift::Severity::Error)
+            .filter(|f| f.severity == crate::checks::drift::Severity::Error)
             .count()
     });
     if drift_errors > 0 {
@@ -759,20 +764,7 @@ fn supervisor_human(supervisor: Option<&crate::status::Supervisor>, c: Colors) -
     line
 }
 
-/// An error and its causes on one line, for per-action reports and logs.
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut cause = err.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = c.source();
-    }
-    message
-}
+pub use crate::errors::error_chain;
 
 /// GitHub Actions workflow commands (`::error file=F,line=L,col=C,title=T::message`), one per
 /// line: the runner turns each into an annotation on that line of the pull request. A third
@@ -785,9 +777,10 @@ pub mod github {
     use toml::Spanned;
     use toml::de::{DeTable, DeValue};
 
-    use crate::drift::Severity;
+    use crate::checks::PlanReport;
+    use crate::checks::drift::Severity;
     use crate::manifest::Problem;
-    use crate::plan::{KeyPart, ManifestKey, Plan};
+    use crate::plan::{KeyPart, ManifestKey};
 
     /// The manifest as written, to find the line of a key.
     pub struct Manifest<'s> {
@@ -916,10 +909,10 @@ pub mod github {
 
     /// What the plan found that deserves a line of its own: pins the URL no longer serves
     /// (`--verify-remote`), drift from the chain (`--node`), binaries that will not run here.
-    pub fn plan(manifest: &Manifest<'_>, plan: &Plan) -> String {
+    pub fn plan(manifest: &Manifest<'_>, report: &PlanReport) -> String {
         let mut out = String::new();
         let file = manifest.file;
-        for r in plan.remote.iter().filter(|r| !r.ok) {
+        for r in report.remote.iter().filter(|r| !r.ok) {
             let error = r.error.as_deref().unwrap_or("failed");
             for (used_by, key) in r.used_by.iter().zip(&r.keys) {
                 command(
@@ -932,7 +925,7 @@ pub mod github {
                 );
             }
         }
-        if let Some(drift) = &plan.drift {
+        if let Some(drift) = &report.drift {
             for f in &drift.findings {
                 let (level, title) = match (f.severity, drift.trusted) {
                     (Severity::Error, _) => (Level::Error, "cvx plan --node: drift"),
@@ -956,7 +949,7 @@ pub mod github {
                 );
             }
         }
-        for r in &plan.runnable {
+        for r in &report.runnable {
             for f in &r.findings {
                 command(
                     &mut out,

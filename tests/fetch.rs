@@ -810,3 +810,115 @@ async fn interrupted_run_keeps_its_bytes_for_the_next() {
         Some("bytes=40000-")
     );
 }
+
+#[tokio::test]
+async fn request_timeouts_and_throttling_are_retried() {
+    let server = Server::start();
+    let data = body(5_000, 21);
+    let other = body(5_000, 25);
+    server.add("/timeout", data.clone(), Fault::FailTimes(408, 1));
+    server.add("/busy", other.clone(), Fault::FailTimes(429, 2));
+    let dir = tempfile::tempdir().unwrap();
+
+    let got = get(&server.url("/timeout"), &sha(&data), dir.path(), &opts())
+        .await
+        .unwrap();
+    assert_eq!((got.attempts, server.hits("/timeout")), (2, 2));
+    let got = get(&server.url("/busy"), &sha(&other), dir.path(), &opts())
+        .await
+        .unwrap();
+    assert_eq!((got.attempts, server.hits("/busy")), (3, 3));
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_by_downloads_digests_and_reads() {
+    let server = Server::start();
+    let data = body(5_000, 22);
+    let later = |status| Fault::RetryAfter {
+        status,
+        times: 1,
+        seconds: 1,
+    };
+    server.add("/download", data.clone(), later(429));
+    server.add("/digest", data.clone(), later(503));
+    server.add("/read", data.clone(), later(429));
+    let dir = tempfile::tempdir().unwrap();
+    let client = fetch::client(&opts()).unwrap();
+
+    // The backoff alone would wait 10 ms; the server asked for a second.
+    let start = std::time::Instant::now();
+    let got = get(&server.url("/download"), &sha(&data), dir.path(), &opts())
+        .await
+        .unwrap();
+    assert_eq!(got.attempts, 2);
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let start = std::time::Instant::now();
+    let digest = fetch::digest(&client, &server.url("/digest"), &opts())
+        .await
+        .unwrap();
+    assert_eq!(digest.sha256, sha(&data));
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+
+    let start = std::time::Instant::now();
+    let read = fetch::read(&client, &server.url("/read"), 1 << 20, &opts())
+        .await
+        .unwrap();
+    assert_eq!(read, data);
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    assert_eq!(server.hits("/read"), 2);
+}
+
+#[tokio::test]
+async fn reads_are_capped() {
+    let server = Server::start();
+    server.add("/big", body(10_000, 23), Fault::None);
+    server.add("/unannounced", body(10_000, 24), Fault::NoLength);
+    let client = fetch::client(&opts()).unwrap();
+    for path in ["/big", "/unannounced"] {
+        let err = fetch::read(&client, &server.url(path), 4_096, &opts())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, FetchError::TooLarge { max: 4_096, .. }),
+            "{path}: {err:?}"
+        );
+    }
+    let err = fetch::read(&client, "/dev/zero", 4_096, &opts())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FetchError::TooLarge { .. }), "{err:?}");
+}
+
+/// A local source that never ends (a device) stops at the cap instead of hashing forever.
+#[tokio::test]
+async fn a_local_digest_stops_at_the_size_cap() {
+    let client = fetch::client(&opts()).unwrap();
+    let opts = FetchOptions {
+        max_size: 1 << 20,
+        ..opts()
+    };
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        fetch::digest(&client, "file:///dev/zero", &opts),
+    )
+    .await
+    .expect("hashing /dev/zero must stop at the cap")
+    .unwrap_err();
+    assert!(
+        matches!(err, FetchError::TooLarge { max, .. } if max == 1 << 20),
+        "{err:?}"
+    );
+}

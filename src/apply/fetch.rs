@@ -27,8 +27,8 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 use tracing::{debug, warn};
 use url::Url;
 
+use crate::errors::error_chain;
 use crate::hash::Sha256;
-use crate::render::error_chain;
 
 /// Redirects followed before giving up (a loop, or a misconfigured mirror).
 const MAX_REDIRECTS: usize = 10;
@@ -142,7 +142,12 @@ pub enum FetchError {
     },
 
     #[error("{url} answered {status}")]
-    Status { url: String, status: StatusCode },
+    Status {
+        url: String,
+        status: StatusCode,
+        /// What the server's `Retry-After` asked for (seconds form), honoured by the retries.
+        retry_after: Option<Duration>,
+    },
 
     #[error("{url} answered 206 with an unexpected content-range {content_range:?}")]
     BadRange { url: String, content_range: String },
@@ -171,14 +176,103 @@ pub enum FetchError {
 }
 
 impl FetchError {
-    /// Whether another attempt could succeed: network trouble and server errors, not answers.
+    /// Whether another attempt could succeed: network trouble, server errors, and the answers
+    /// that say "later" (408 Request Timeout, 429 Too Many Requests); not other answers.
     pub(crate) fn is_retryable(&self) -> bool {
         match self {
             FetchError::Request { source, .. } => !source.is_redirect() && !source.is_builder(),
             FetchError::Body { .. } | FetchError::Truncated { .. } => true,
-            FetchError::Status { status, .. } => status.is_server_error(),
+            FetchError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
             _ => false,
         }
+    }
+
+    /// The answer `response` gave, when it is not a success.
+    fn status(url: &str, response: &reqwest::Response) -> FetchError {
+        FetchError::Status {
+            url: url.to_owned(),
+            status: response.status(),
+            retry_after: retry_after(response.headers()),
+        }
+    }
+}
+
+/// `Retry-After` in its seconds form; the HTTP-date form counts as absent (the backoff applies).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
+    value.trim().parse().ok().map(Duration::from_secs)
+}
+
+/// The waits between attempts, one policy for every request: the delay doubles from
+/// `opts.backoff` up to 30 s, plus up to a quarter of random jitter so that many nodes do not
+/// retry in step; a server's `Retry-After` is honoured, up to the same cap.
+struct Backoff {
+    delay: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    fn new(opts: &FetchOptions) -> Backoff {
+        Backoff {
+            delay: opts.backoff,
+            cap: MAX_BACKOFF.max(opts.backoff),
+        }
+    }
+
+    /// The wait before the next attempt, after `error`.
+    fn next(&mut self, error: &FetchError) -> Duration {
+        let base = self.delay;
+        self.delay = (self.delay * 2).min(self.cap);
+        let wait = match error {
+            FetchError::Status {
+                retry_after: Some(after),
+                ..
+            } => (*after).max(base),
+            _ => base + jitter(base / 4),
+        };
+        wait.min(self.cap)
+    }
+}
+
+/// A random duration up to `max`: std's per-process random hash keys are randomness enough here.
+fn jitter(max: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    Duration::from_nanos(random % nanos.saturating_add(1))
+}
+
+/// Run `once` until it succeeds, fails for good, or `opts.retries` further attempts failed,
+/// waiting as [`Backoff`] says between attempts.
+async fn with_retries<T, F, Fut>(
+    source: &str,
+    opts: &FetchOptions,
+    mut once: F,
+) -> Result<T, FetchError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FetchError>>,
+{
+    let mut backoff = Backoff::new(opts);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let error = match once().await {
+            Ok(found) => return Ok(found),
+            Err(error) => error,
+        };
+        if !error.is_retryable() || attempts > opts.retries {
+            return Err(error);
+        }
+        let wait = backoff.next(&error);
+        warn!(url = source, attempt = attempts, retry_in = ?wait, error = error_chain(&error), "request failed; retrying");
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -310,7 +404,7 @@ pub async fn fetch(
 }
 
 fn normalize_sha256(url: &str, sha: &str) -> Result<String, FetchError> {
-    if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if crate::hash::is_sha256_hex(sha) {
         Ok(sha.to_ascii_lowercase())
     } else {
         Err(FetchError::InvalidChecksum {
@@ -674,7 +768,7 @@ async fn download(
     let mut state = held.unwrap_or_else(ResumeState::empty);
     part.reset_to(&mut file, state.offset).await?;
     let mut attempts = 0u32;
-    let mut delay = opts.backoff;
+    let mut backoff = Backoff::new(opts);
     loop {
         attempts += 1;
         debug!(
@@ -728,16 +822,16 @@ async fn download(
             }
             return Err(error);
         }
+        let wait = backoff.next(&error);
         warn!(
             url = part.url,
             attempt = attempts,
             kept_bytes = state.offset,
-            retry_in = ?delay,
+            retry_in = ?wait,
             error = error_chain(&error),
             "download failed; retrying",
         );
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(MAX_BACKOFF.max(opts.backoff));
+        tokio::time::sleep(wait).await;
     }
 }
 
@@ -771,7 +865,6 @@ pub fn split_checksum(url: &str) -> (String, Option<String>, Option<String>) {
         stripped.push('#');
         stripped.push_str(fragment);
     }
-    let is_sha256 = |s: &str| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit());
     let (sha, note) = match checksum {
         None => (None, None),
         Some(c) => {
@@ -781,7 +874,7 @@ pub fn split_checksum(url: &str) -> (String, Option<String>, Option<String>) {
                 Some(_) => None,
                 None => Some(c),
             };
-            match hex.filter(|h| is_sha256(h)) {
+            match hex.filter(|h| crate::hash::is_sha256_hex(h)) {
                 Some(hex) => (Some(hex.to_ascii_lowercase()), None),
                 None => (
                     None,
@@ -813,12 +906,7 @@ pub async fn digest(
 ) -> Result<Digest, FetchError> {
     let url = match Origin::parse(source)? {
         Origin::Local(path) => {
-            let io = |e| FetchError::Io {
-                url: source.to_owned(),
-                action: "read",
-                path: path.clone(),
-                source: e,
-            };
+            let io = |e| read_error(source, &path, e);
             let mut file = File::open(&path).await.map_err(io)?;
             let mut hasher = Sha256::new();
             let mut buf = vec![0u8; CHUNK];
@@ -828,8 +916,16 @@ pub async fn digest(
                 if n == 0 {
                     break;
                 }
-                hasher.update(&buf[..n]);
                 size += n as u64;
+                // The cap holds for files too: a device such as /dev/zero never ends.
+                if size > opts.max_size {
+                    return Err(FetchError::TooLarge {
+                        url: source.to_owned(),
+                        size,
+                        max: opts.max_size,
+                    });
+                }
+                hasher.update(&buf[..n]);
             }
             return Ok(Digest {
                 sha256: hasher.finish(),
@@ -839,21 +935,74 @@ pub async fn digest(
         }
         Origin::Remote(url) => url,
     };
-    let mut delay = opts.backoff;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let error = match digest_once(client, &url, source, opts).await {
-            Ok(found) => return Ok(found),
-            Err(error) => error,
-        };
-        if !error.is_retryable() || attempts > opts.retries {
-            return Err(error);
-        }
-        warn!(url = source, attempt = attempts, retry_in = ?delay, error = error_chain(&error), "verification download failed; retrying");
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(MAX_BACKOFF.max(opts.backoff));
+    with_retries(source, opts, || async {
+        let mut hasher = Sha256::new();
+        let (size, status) = get_body(client, &url, source, opts.max_size, |chunk| {
+            hasher.update(chunk)
+        })
+        .await?;
+        Ok(Digest {
+            sha256: hasher.finish(),
+            size,
+            status: Some(status.as_u16()),
+        })
+    })
+    .await
+}
+
+/// A local source that could not be read.
+fn read_error(source: &str, path: &Path, error: io::Error) -> FetchError {
+    FetchError::Io {
+        url: source.to_owned(),
+        action: "read",
+        path: path.to_path_buf(),
+        source: error,
     }
+}
+
+/// The largest document [`read`] takes by default: a plan's info or a REST answer is a few KiB.
+pub const MAX_DOCUMENT: u64 = 8 << 20;
+
+/// GET a small document (a plan's info, a registry file, a node's REST answer) through the same
+/// client path as downloads: transient failures retried, the body capped at `max` bytes. A
+/// `file://` URL or an absolute path is read, with the same cap.
+pub async fn read(
+    client: &reqwest::Client,
+    source: &str,
+    max: u64,
+    opts: &FetchOptions,
+) -> Result<Vec<u8>, FetchError> {
+    let url = match Origin::parse(source)? {
+        Origin::Local(path) => {
+            let io = |e| read_error(source, &path, e);
+            let mut body = Vec::new();
+            File::open(&path)
+                .await
+                .map_err(io)?
+                .take(max.saturating_add(1))
+                .read_to_end(&mut body)
+                .await
+                .map_err(io)?;
+            if body.len() as u64 > max {
+                return Err(FetchError::TooLarge {
+                    url: source.to_owned(),
+                    size: body.len() as u64,
+                    max,
+                });
+            }
+            return Ok(body);
+        }
+        Origin::Remote(url) => url,
+    };
+    with_retries(source, opts, || async {
+        let mut body = Vec::new();
+        get_body(client, &url, source, max, |chunk| {
+            body.extend_from_slice(chunk)
+        })
+        .await?;
+        Ok(body)
+    })
+    .await
 }
 
 /// [`digest`] for many sources, `jobs` at a time, with each one's time; results in input order.
@@ -885,12 +1034,15 @@ pub async fn digest_all(
     Ok(done.into_iter().map(|(_, r, t)| (r, t)).collect())
 }
 
-async fn digest_once(
+/// One GET of `url`, its body handed to `sink` chunk by chunk, at most `max` bytes; returns the
+/// body's size and the answer's status.
+async fn get_body(
     client: &reqwest::Client,
     url: &Url,
     source: &str,
-    opts: &FetchOptions,
-) -> Result<Digest, FetchError> {
+    max: u64,
+    mut sink: impl FnMut(&[u8]),
+) -> Result<(u64, StatusCode), FetchError> {
     let mut response = client
         .get(url.clone())
         .send()
@@ -898,22 +1050,18 @@ async fn digest_once(
         .map_err(|e| request_error(source, e))?;
     let status = response.status();
     if !status.is_success() {
-        return Err(FetchError::Status {
-            url: source.to_owned(),
-            status,
-        });
+        return Err(FetchError::status(source, &response));
     }
     let too_large = |size| FetchError::TooLarge {
         url: source.to_owned(),
         size,
-        max: opts.max_size,
+        max,
     };
     if let Some(length) = response.content_length()
-        && length > opts.max_size
+        && length > max
     {
         return Err(too_large(length));
     }
-    let mut hasher = Sha256::new();
     let mut size = 0u64;
     loop {
         let chunk = response.chunk().await.map_err(|e| FetchError::Body {
@@ -923,10 +1071,10 @@ async fn digest_once(
         })?;
         let Some(chunk) = chunk else { break };
         size += chunk.len() as u64;
-        if size > opts.max_size {
+        if size > max {
             return Err(too_large(size));
         }
-        hasher.update(&chunk);
+        sink(&chunk);
     }
     if let Some(total) = response.content_length()
         && size < total
@@ -937,11 +1085,7 @@ async fn digest_once(
             total,
         });
     }
-    Ok(Digest {
-        sha256: hasher.finish(),
-        size,
-        status: Some(status.as_u16()),
-    })
+    Ok((size, status))
 }
 
 /// A finished attempt: the digest of the whole file, and whether bytes held before it were kept.
@@ -1033,12 +1177,7 @@ async fn attempt(
                 );
                 restart(part, file, state).await?;
             }
-            _ => {
-                return Err(FetchError::Status {
-                    url: part.url.clone(),
-                    status,
-                });
-            }
+            _ => return Err(FetchError::status(&part.url, &response)),
         }
     };
     let resumed = state.offset > 0;
@@ -1351,8 +1490,11 @@ mod tests {
         let status = |code| FetchError::Status {
             url: "u".into(),
             status: StatusCode::from_u16(code).unwrap(),
+            retry_after: None,
         };
         assert!(status(503).is_retryable());
+        assert!(status(408).is_retryable());
+        assert!(status(429).is_retryable());
         assert!(!status(404).is_retryable());
         assert!(
             !FetchError::ChecksumMismatch {
@@ -1362,6 +1504,31 @@ mod tests {
             }
             .is_retryable()
         );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_honours_retry_after_up_to_the_cap() {
+        let opts = FetchOptions {
+            backoff: Duration::from_secs(1),
+            ..FetchOptions::default()
+        };
+        let mut backoff = Backoff::new(&opts);
+        let network = FetchError::Truncated {
+            url: "u".into(),
+            received: 1,
+            total: 2,
+        };
+        let first = backoff.next(&network);
+        assert!(first >= Duration::from_secs(1) && first <= Duration::from_millis(1250));
+        let second = backoff.next(&network);
+        assert!(second >= Duration::from_secs(2) && second <= Duration::from_millis(2500));
+        let later = |seconds| FetchError::Status {
+            url: "u".into(),
+            status: StatusCode::TOO_MANY_REQUESTS,
+            retry_after: Some(Duration::from_secs(seconds)),
+        };
+        assert_eq!(backoff.next(&later(7)), Duration::from_secs(7));
+        assert_eq!(backoff.next(&later(3600)), MAX_BACKOFF);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use super::unpack::{self, UnpackError};
 use crate::owner::{self, Owner};
-use crate::receipt::FileIdentity;
+use crate::tree::receipt::FileIdentity;
 
 /// Binaries are executable by all, libraries readable by all.
 pub const BINARY_MODE: u32 = 0o755;

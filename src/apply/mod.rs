@@ -1,9 +1,14 @@
 //! `cvx apply`: execute a plan, and nothing else. Fetch each distinct pin once (in parallel),
 //! install it atomically at every destination that needs it, write receipts, and create the
 //! `current` link when it is missing. Failures are per artifact: the rest is still staged.
+//!
+//! Owns the one HTTP client path ([`fetch`]), archives ([`unpack`]) and atomic installs
+//! ([`install`]), which `run` and the authoring tools reuse. Must not decide what to stage (the
+//! plan does) nor render anything.
 
 pub mod fetch;
 pub mod install;
+pub mod progress;
 pub mod prune;
 pub mod unpack;
 
@@ -16,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::errors::error_chain;
 use crate::plan::{
     ArtifactAction, ArtifactKind, ArtifactPlan, ArtifactState, LinkAction, Plan, StagePlan,
 };
-use crate::receipt::{self, FileIdentity, Receipt};
-use crate::render::error_chain;
 use crate::tree::Layout;
+use crate::tree::receipt::{self, FileIdentity, Receipt};
 use fetch::{FetchError, FetchOptions};
 use install::InstallError;
 use unpack::TreeEntry;

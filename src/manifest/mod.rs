@@ -4,6 +4,8 @@
 //! finds with its line and column, and only then turned into the types below, which the rest of
 //! cvx uses. The same types generate `schemas/manifest.schema.json`, and a test checks that serde
 //! reads every example to the same value as the walker, so the schema and the walker cannot drift.
+//!
+//! Owns the manifest's format and validation. Must not touch the tree or the network.
 
 mod read;
 
@@ -156,14 +158,16 @@ impl Library {
     }
 }
 
+/// The file name suffixes (lower-case) of the archives cvx unpacks; `apply::unpack` maps each to
+/// its format (a test there keeps the two lists equal).
+pub const ARCHIVE_SUFFIXES: &[&str] = &[
+    ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
+];
+
 /// Whether `url` names an archive cvx unpacks (`.tar.gz`, `.zip`, ...), by its file name.
 pub fn is_archive_url(url: &str) -> bool {
     let name = url_file_name(url).unwrap_or_default().to_ascii_lowercase();
-    [
-        ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.zst", ".tzst", ".zip",
-    ]
-    .iter()
-    .any(|ext| name.ends_with(ext))
+    ARCHIVE_SUFFIXES.iter().any(|ext| name.ends_with(ext))
 }
 
 /// The last segment of a URL's or path's path, without query or fragment.

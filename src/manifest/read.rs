@@ -812,7 +812,7 @@ impl<'s> Walker<'s> {
         )?;
         // `sha256:HEX`, as release pages and `?checksum=` parameters write it, is the same pin.
         let hex = strip_sha256_prefix(&sha);
-        if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        if crate::hash::is_sha256_hex(hex) {
             Some(hex.to_ascii_lowercase())
         } else if sha.is_empty() {
             self.error(

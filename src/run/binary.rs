@@ -83,7 +83,7 @@ impl Pins {
         Ok(Some(Pins {
             path: path.to_path_buf(),
             manifest: loaded.manifest,
-            platform: crate::cli::host_platform(),
+            platform: crate::platform::host_platform(),
             recase,
         }))
     }
@@ -178,7 +178,7 @@ pub fn verify(
                 source,
             })
     };
-    match crate::receipt::read(&layout.receipts(), &rel) {
+    match crate::tree::receipt::read(&layout.receipts(), &rel) {
         Some(receipt) => {
             // Unchanged since apply verified it (same identity, as plan decides): no re-read of
             // a 100 MiB binary while the chain waits. Anything else is hashed before it may run.

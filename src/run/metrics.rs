@@ -34,9 +34,9 @@ use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, trace, warn};
 
 use super::config::Config;
-use crate::receipt::FileIdentity;
-use crate::status::{LastBackup, LastUpgrade, Record, Supervisor, UpgradeResult};
+use super::record::{LastBackup, LastUpgrade, Record, Supervisor, UpgradeResult};
 use crate::tree::Layout;
+use crate::tree::receipt::FileIdentity;
 
 /// One metric as exposed: its name, type and help (README's table and the examples under
 /// `examples/prometheus/` are checked against this list).
@@ -244,10 +244,12 @@ impl Metrics {
     /// A handle recording to `layout`'s `.cvx/supervisor.json`, keeping what a previous cvx
     /// recorded there about upgrades and backups.
     pub fn new(layout: &Layout, daemon: &str) -> Self {
-        let previous = crate::status::read_record(layout).unwrap_or_default().facts;
+        let previous = crate::run::record::read_record(layout)
+            .unwrap_or_default()
+            .facts;
         let pid = std::process::id();
         let record = Record {
-            start_ticks: crate::status::start_ticks(pid).unwrap_or_default(),
+            start_ticks: crate::run::record::start_ticks(pid).unwrap_or_default(),
             facts: Supervisor {
                 running: true,
                 pid,
@@ -270,7 +272,7 @@ impl Metrics {
                 },
                 ..State::default()
             }),
-            file: crate::status::record_path(layout),
+            file: crate::run::record::record_path(layout),
             refresh: Notify::new(),
         });
         let metrics = Metrics(Some(shared));
@@ -353,7 +355,7 @@ impl Metrics {
                 }
                 Err(e) => {
                     facts.upgrades.failure += 1;
-                    (UpgradeResult::Failure, Some(crate::render::error_chain(e)))
+                    (UpgradeResult::Failure, Some(crate::errors::error_chain(e)))
                 }
             };
             facts.last_upgrade = Some(LastUpgrade {
@@ -775,7 +777,7 @@ impl Judge {
                 };
                 for entry in entries.flatten() {
                     let rel = format!("{stage}/{sub}/{}", entry.file_name().to_string_lossy());
-                    let receipt = crate::receipt::receipt_path(&self.layout.receipts(), &rel);
+                    let receipt = crate::tree::receipt::receipt_path(&self.layout.receipts(), &rel);
                     files.push((entry.path(), identity(&entry.path()), identity(&receipt)));
                 }
             }
@@ -982,7 +984,7 @@ mod tests {
         metrics.backup_finished(1234);
         metrics.upgrade_finished(&Ok::<(), io::Error>(()));
         metrics.daemon_started();
-        let record = crate::status::read_record(&layout).unwrap();
+        let record = crate::run::record::read_record(&layout).unwrap();
         let facts = &record.facts;
         assert!(facts.daemon_up);
         assert_eq!(facts.daemon_restarts, 1);
@@ -999,7 +1001,7 @@ mod tests {
             "{text}"
         );
         // The writer is this process, alive: cvx status says it runs.
-        assert!(crate::status::supervisor(&layout).unwrap().running);
+        assert!(crate::run::record::supervisor(&layout).unwrap().running);
 
         metrics.upgrade_started("v3", 60);
         metrics.upgrade_finished(&Err::<(), _>(io::Error::other("no binary")));
@@ -1019,7 +1021,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("cvx_daemon_restarts_total 0"), "{text}");
-        let facts = crate::status::read_record(&layout).unwrap().facts;
+        let facts = crate::run::record::read_record(&layout).unwrap().facts;
         assert_eq!(
             facts.last_upgrade.unwrap().error.as_deref(),
             Some("no binary")
@@ -1032,11 +1034,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let layout = Layout::new(dir.path());
         Metrics::new(&layout, "simd").daemon_started();
-        let mut record = crate::status::read_record(&layout).unwrap();
+        let mut record = crate::run::record::read_record(&layout).unwrap();
         // Same pid, another start: the pid was reused.
         record.start_ticks += 1;
-        write_json(&crate::status::record_path(&layout), &record).unwrap();
-        let supervisor = crate::status::supervisor(&layout).unwrap();
+        write_json(&crate::run::record::record_path(&layout), &record).unwrap();
+        let supervisor = crate::run::record::supervisor(&layout).unwrap();
         assert!(!supervisor.running && !supervisor.daemon_up);
     }
 
@@ -1048,6 +1050,6 @@ mod tests {
         off.upgrade_started("v2", 3);
         off.upgrade_finished(&Ok::<(), io::Error>(()));
         assert_eq!(off.encode(), "");
-        assert!(crate::status::read_record(&Layout::new(dir.path())).is_none());
+        assert!(crate::run::record::read_record(&Layout::new(dir.path())).is_none());
     }
 }

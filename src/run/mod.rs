@@ -5,6 +5,9 @@
 //! terminal and its signals as if run directly. The supervisor is a small state machine fed by
 //! events: the daemon exited, `upgrade-info.json` may have changed (file event or poll tick), a
 //! signal arrived. The signal policy is in [`child`]; the upgrade steps in [`upgrade`].
+//!
+//! Owns the supervisor and its [`record`]. Downloads, unpacks and installs through apply's
+//! fetch, unpack and install rather than its own; must not import the command line.
 
 pub mod backup;
 pub mod binary;
@@ -14,6 +17,7 @@ pub mod history;
 pub mod logs;
 pub mod metrics;
 pub mod preflight;
+pub mod record;
 pub mod rollback;
 pub mod upgrade;
 pub mod watch;
@@ -715,7 +719,7 @@ impl Detected {
             }
             (Err(source), _) => {
                 self.entry.result = "failed".into();
-                self.entry.error = Some(crate::render::error_chain(&source));
+                self.entry.error = Some(crate::errors::error_chain(&source));
                 self.record(config, layout, "failed").await;
                 return Err(RunError::Upgrade {
                     name: plan.name.clone(),

@@ -21,7 +21,7 @@ use super::backup::{self, BackupError};
 use super::binary::{self, BinaryError, Pins};
 use super::config::Config;
 use crate::apply::{self, fetch, install};
-use crate::render::error_chain;
+use crate::errors::error_chain;
 use crate::tree::{self, Layout, PlanInfo};
 
 #[derive(Debug, thiserror::Error)]
@@ -449,7 +449,7 @@ async fn download_source(
             artifact.path.clone(),
         ));
     }
-    let platform = crate::cli::host_platform();
+    let platform = crate::platform::host_platform();
     let binaries = plan_binaries(&plan.info).await?;
     let url = binaries
         .get(&platform)
@@ -480,24 +480,16 @@ async fn plan_binaries(info: &str) -> Result<std::collections::BTreeMap<String, 
     let json = if info.starts_with('{') {
         info.as_bytes().to_vec()
     } else if info.starts_with("http://") || info.starts_with("https://") {
-        let client = fetch::client(&fetch::FetchOptions::default()).map_err(|e| error_chain(&e))?;
-        let response = client
-            .get(info)
-            .timeout(Duration::from_secs(30))
-            .send()
+        let options = fetch::FetchOptions::default();
+        let client = fetch::client(&options).map_err(|e| error_chain(&e))?;
+        fetch::read(&client, info, fetch::MAX_DOCUMENT, &options)
             .await
-            .and_then(|r| r.error_for_status())
             .map_err(|e| {
                 format!(
                     "cannot fetch the plan's info from {info}: {}",
                     error_chain(&e)
                 )
-            })?;
-        response
-            .bytes()
-            .await
-            .map_err(|e| format!("cannot read the plan's info from {info}: {e}"))?
-            .to_vec()
+            })?
     } else if info.is_empty() {
         return Err("the plan carries no info to download from".into());
     } else {

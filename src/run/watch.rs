@@ -8,6 +8,7 @@ use notify::event::{AccessKind, AccessMode, EventKind};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 
+use crate::apply::fetch;
 use crate::tree::{PlanInfo, UpgradeInfo, parse_upgrade_info};
 
 /// Wakes the supervisor when `upgrade-info.json` may have changed.
@@ -180,8 +181,15 @@ fn rpc_url(laddr: &str) -> Option<String> {
 }
 
 /// GET `path` from the node's CometBFT RPC and parse the JSON answer; None when it does not
-/// answer. A bare HTTP/1.0 request over TCP: the supervisor stays small (no HTTP client stack
-/// mapped in for one local GET), and the answer comes in well under a millisecond.
+/// answer.
+///
+/// The one HTTP read outside `apply::fetch`, kept for the supervisor's memory goal (README
+/// "Supervision": RSS at most 8 MiB, 7.0-7.2 MiB with metrics): `cvx run` polls the local RPC
+/// all day, and this bare HTTP/1.0 request over TCP maps in no HTTP client stack (no TLS, no
+/// connection pool) for a local GET answered in well under a millisecond. It has the same limits
+/// as the fetch layer's reads: a timeout (2 s for the whole exchange), a body cap
+/// ([`fetch::MAX_DOCUMENT`]), plain `http://` only (nothing to downgrade), and no retries: the
+/// next poll is the retry.
 pub async fn rpc_get(rpc: &str, path: &str) -> Option<serde_json::Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let hostport = rpc.strip_prefix("http://")?;
@@ -191,7 +199,11 @@ pub async fn rpc_get(rpc: &str, path: &str) -> Option<serde_json::Value> {
             format!("GET {path} HTTP/1.0\r\nHost: {hostport}\r\nAccept: application/json\r\n\r\n");
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
-        stream.take(8 << 20).read_to_end(&mut response).await.ok()?;
+        stream
+            .take(fetch::MAX_DOCUMENT)
+            .read_to_end(&mut response)
+            .await
+            .ok()?;
         Some(response)
     };
     let response = tokio::time::timeout(Duration::from_secs(2), exchange)

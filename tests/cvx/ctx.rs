@@ -17,7 +17,7 @@ pub fn sha256(bytes: &[u8]) -> String {
 }
 
 pub fn platform() -> String {
-    cvx::cli::host_platform()
+    cvx::platform::host_platform()
 }
 
 impl Ctx {

@@ -459,6 +459,33 @@ binary."linux/amd64" = {{ url = "{bad}", sha256 = "" }}
     }
 }
 
+/// A manifest pointing at a device that never ends (`file:///dev/zero`) fails at the size cap
+/// instead of hashing forever.
+#[test]
+fn pin_stops_a_never_ending_local_file_at_the_size_cap() {
+    let ctx = Ctx::new();
+    let text = r#"[chain]
+id = "sim-1"
+daemon = "simd"
+
+[genesis]
+binary."linux/amd64" = { url = "file:///dev/zero", sha256 = "" }
+"#;
+    let path = ctx.manifest(text);
+    // Killed after 30 s: without the cap it would hash zeros until then.
+    let (_, stderr) = run(
+        ctx.cvx()
+            .args(["pin", "--max-size", "1"])
+            .timeout(std::time::Duration::from_secs(30)),
+        1,
+    );
+    assert!(
+        stderr.contains("file:///dev/zero is larger than the limit of 1048576 bytes"),
+        "{stderr}"
+    );
+    assert_eq!(fs::read_to_string(&path).unwrap(), text);
+}
+
 #[test]
 fn pin_verify_detects_a_file_replaced_upstream() {
     let server = Server::start();

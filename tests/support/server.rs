@@ -32,6 +32,13 @@ pub enum Fault {
     IgnoreRange,
     /// Answer the first `times` requests with this status, then serve properly.
     FailTimes(u16, usize),
+    /// Answer the first `times` requests with `status` and `Retry-After: seconds`, then serve
+    /// properly.
+    RetryAfter {
+        status: u16,
+        times: usize,
+        seconds: u64,
+    },
     /// Always answer with this status.
     Status(u16),
     /// Send the body `chunk` bytes at a time, pausing `delay` before each piece.
@@ -242,6 +249,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
+        408 => "Request Timeout",
         416 => "Range Not Satisfiable",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
@@ -290,6 +298,13 @@ fn handle(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     match &fault {
         Fault::Status(status) => return out.simple(*status, &[]),
         Fault::FailTimes(status, times) if hits <= *times => return out.simple(*status, &[]),
+        Fault::RetryAfter {
+            status,
+            times,
+            seconds,
+        } if hits <= *times => {
+            return out.simple(*status, &[("Retry-After", seconds.to_string())]);
+        }
         Fault::Redirect(location) => return out.simple(302, &[("Location", location.clone())]),
         _ => {}
     }

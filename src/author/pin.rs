@@ -12,14 +12,12 @@
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use toml_edit::{DocumentMut, InlineTable, Item, Table, TableLike, Value};
 
 use crate::apply::fetch;
-use crate::cli::Error;
+use crate::errors::error_chain;
 use crate::manifest::ManifestError;
-use crate::render::error_chain;
 
 #[derive(Debug, clap::Args)]
 pub struct PinArgs {
@@ -71,6 +69,12 @@ pub enum PinError {
     NoUrl { path: PathBuf, count: usize },
     #[error(transparent)]
     Fetch(#[from] fetch::FetchError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error("{} is not TOML cvx can edit: {problem}", path.display())]
+    NotToml { path: PathBuf, problem: String },
+    #[error("cannot start the async runtime")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl PinError {
@@ -271,8 +275,9 @@ fn artifacts(doc: &mut DocumentMut) -> Vec<Artifact> {
     all
 }
 
-/// `cvx pin` and `cvx pin --verify`.
-pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
+/// `cvx pin` and `cvx pin --verify`: `Ok(false)` when `--verify` found a mismatch, a failed
+/// download or an unpinned artifact (the caller exits 1).
+pub fn run(args: PinArgs) -> Result<bool, PinError> {
     let path = &args.manifest;
     let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
         path: path.clone(),
@@ -293,8 +298,7 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
         return Err(PinError::NoUrl {
             path: path.clone(),
             count: no_url,
-        }
-        .into());
+        });
     }
 
     // Each distinct URL once, with every place that uses it.
@@ -325,15 +329,13 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(Error::Runtime)?;
+        .map_err(PinError::Runtime)?;
     let sources: Vec<String> = urls.keys().cloned().collect();
-    let results = runtime
-        .block_on(fetch::digest_all(
-            sources.clone(),
-            usize::from(args.jobs),
-            &options,
-        ))
-        .map_err(PinError::from)?;
+    let results = runtime.block_on(fetch::digest_all(
+        sources.clone(),
+        usize::from(args.jobs),
+        &options,
+    ))?;
     let digests: Digests = sources
         .into_iter()
         .zip(results)
@@ -359,13 +361,12 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
             path: path.clone(),
             failed,
             total: digests.len(),
-        }
-        .into());
+        });
     }
     if targets.is_empty() {
         return match invalid(path, &text) {
             Some(e) => Err(e),
-            None => Ok(ExitCode::SUCCESS),
+            None => Ok(true),
         };
     }
 
@@ -391,7 +392,7 @@ pub fn run(args: PinArgs) -> Result<ExitCode, Error> {
     }
     match invalid(path, &new_text) {
         Some(e) => Err(e),
-        None => Ok(ExitCode::SUCCESS),
+        None => Ok(true),
     }
 }
 
@@ -424,9 +425,9 @@ fn report_pins(
 }
 
 /// The validation error for `text`, if it does not validate.
-fn invalid(path: &Path, text: &str) -> Option<Error> {
+fn invalid(path: &Path, text: &str) -> Option<PinError> {
     crate::manifest::parse(text).err().map(|problems| {
-        Error::Manifest(ManifestError::Invalid {
+        PinError::Manifest(ManifestError::Invalid {
             path: path.to_path_buf(),
             text: text.to_string(),
             problems,
@@ -435,16 +436,16 @@ fn invalid(path: &Path, text: &str) -> Option<Error> {
 }
 
 /// toml_edit refused what the validator accepted: not expected, but say so plainly.
-fn not_toml(path: &Path, text: &str) -> Error {
+fn not_toml(path: &Path, text: &str) -> PinError {
     let problem = text
         .parse::<DocumentMut>()
         .err()
         .map(|e| e.to_string())
         .unwrap_or_default();
-    Error::Usage(format!(
-        "{} is not TOML cvx can edit: {problem}",
-        path.display()
-    ))
+    PinError::NotToml {
+        path: path.to_path_buf(),
+        problem,
+    }
 }
 
 type Digests = Vec<(String, Result<fetch::Digest, String>)>;
@@ -457,7 +458,7 @@ fn verify_report(
     digests: &Digests,
     failed: usize,
     quiet: bool,
-) -> Result<ExitCode, Error> {
+) -> Result<bool, PinError> {
     let mut out = String::new();
     let mut mismatched = 0;
     for (url, result) in digests {
@@ -494,13 +495,9 @@ fn verify_report(
         .write_all(out.as_bytes())
         .and_then(|()| stdout.flush());
     let checked = digests.len();
-    let code = if mismatched > 0 || failed > 0 || !unpinned.is_empty() {
-        crate::cli::exit::ERROR
-    } else {
-        crate::cli::exit::OK
-    };
+    let verified = mismatched == 0 && failed == 0 && unpinned.is_empty();
     if quiet {
-        return Ok(ExitCode::from(code));
+        return Ok(verified);
     }
     eprintln!(
         "verified {checked} URL{}: {mismatched} mismatch{}, {failed} failed download{}, {} unpinned artifact{}",
@@ -516,7 +513,7 @@ fn verify_report(
              find out which before staging it (the manifest was not changed)"
         );
     }
-    Ok(ExitCode::from(code))
+    Ok(verified)
 }
 
 /// Replace `path` with `new_text` atomically, unless it no longer holds `old_text`; the file's

@@ -7,9 +7,9 @@ use schemars::JsonSchema;
 use serde::Serialize;
 
 use crate::apply::fetch;
+use crate::errors::error_chain;
 use crate::manifest::Manifest;
 use crate::plan::ManifestKey;
-use crate::render::error_chain;
 
 /// One URL checked against its pin.
 #[derive(Debug, Clone, Serialize, JsonSchema)]

@@ -1,5 +1,8 @@
 //! The plan: a pure function of (manifest, observed tree, platform) saying what apply would do
 //! and why. It is the one place that decides; apply executes it and the renderers show it.
+//!
+//! Owns the decision. Must not touch: the network, the filesystem (the tree arrives inspected),
+//! the clock, or the checks against the world (`checks`), whose results travel beside the plan.
 
 use std::path::PathBuf;
 
@@ -27,17 +30,6 @@ pub struct Plan {
     pub pending: PendingPlan,
     pub warnings: Vec<String>,
     pub summary: Summary,
-    /// `--verify-remote`: every artifact of every platform downloaded and checked.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub remote: Vec<crate::verify::RemoteCheck>,
-    /// Staged, verified binaries of this host's platform that may not run here (filled by the
-    /// command after the pure plan): wrong architecture, missing libraries, too new a glibc, or
-    /// `version` not printing the declared version. Only binaries with findings.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub runnable: Vec<crate::runnable::RunnableCheck>,
-    /// `--node URL`: the manifest compared with the chain's own upgrade plans.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub drift: Option<crate::drift::DriftReport>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, JsonSchema)]
@@ -444,9 +436,6 @@ pub fn plan(manifest: &Manifest, tree: &Tree, input: &PlanInput) -> Plan {
         pending,
         warnings,
         summary,
-        remote: Vec::new(),
-        runnable: Vec::new(),
-        drift: None,
     }
 }
 

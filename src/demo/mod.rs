@@ -6,6 +6,11 @@
 //! governance upgrades and one scheduled upgrade (`trigger = "halt-height"`: no on-chain plan, cvx
 //! halts the node itself), then the final tree and `cvx status`. Each step runs the real cvx
 //! binary, as an operator would.
+//!
+//! Owns the rehearsal and the [`simnode`] test double (also `cvx simnode` and the `simnode` binary,
+//! so `cargo run -- demo` needs nothing else). No stage may import it.
+
+pub mod simnode;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -210,7 +215,7 @@ fn write_artifacts_and_manifest(
             .map_err(io(format!("hash {name}")))
     };
 
-    let platform = crate::cli::host_platform();
+    let platform = crate::platform::host_platform();
     let manifest = format!(
         r#"# Written by `cvx demo`: four builds of a simulated node, served from {base}.
 [chain]

@@ -2,6 +2,11 @@
 //!
 //! Nothing here writes. A home that does not exist is an empty tree, and `upgrade-info.json` in
 //! any state (missing, empty, half-written, garbage) is a state to report, never a failure.
+//!
+//! Owns the tree's layout (paths under `cosmovisor/`) and its [`receipt`]s. Must not touch the
+//! manifest's meaning or the network: the plan decides, apply and run write.
+
+pub mod receipt;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -13,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::Serialize;
 
-use crate::receipt::{self, FileIdentity, Receipt};
+use receipt::{FileIdentity, Receipt};
 
 /// Where everything lives under one `$DAEMON_HOME`.
 #[derive(Debug, Clone)]

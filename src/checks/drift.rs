@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::apply::fetch::{self, FetchError, FetchOptions};
 use crate::manifest::Manifest;
 use crate::plan::ManifestKey;
 
@@ -77,7 +78,7 @@ pub enum DriftError {
     Unreachable {
         url: String,
         #[source]
-        source: reqwest::Error,
+        source: FetchError,
     },
     #[error("{url} answered {status}")]
     Status { url: String, status: u16 },
@@ -93,26 +94,31 @@ fn int(value: &Value) -> Option<u64> {
     }
 }
 
+/// REST reads fail fast: the operator waits on them, and a node that does not answer soon will
+/// not answer on a fifth try.
+fn read_options() -> FetchOptions {
+    FetchOptions {
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(10),
+        retries: 2,
+        backoff: Duration::from_millis(250),
+        ..FetchOptions::default()
+    }
+}
+
 async fn get(client: &reqwest::Client, base: &str, path: &str) -> Result<Value, DriftError> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
-    let response = client
-        .get(&url)
-        .send()
+    let bytes = fetch::read(client, &url, fetch::MAX_DOCUMENT, &read_options())
         .await
-        .map_err(|source| DriftError::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-    let status = response.status().as_u16();
-    if !response.status().is_success() {
-        return Err(DriftError::Status { url, status });
-    }
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|source| DriftError::Unreachable {
-            url: url.clone(),
-            source,
+        .map_err(|source| match source {
+            FetchError::Status { status, .. } => DriftError::Status {
+                url: url.clone(),
+                status: status.as_u16(),
+            },
+            source => DriftError::Unreachable {
+                url: url.clone(),
+                source,
+            },
         })?;
     serde_json::from_slice(&bytes).map_err(|e| DriftError::Unexpected {
         url,
@@ -124,13 +130,10 @@ async fn get(client: &reqwest::Client, base: &str, path: &str) -> Result<Value, 
 /// node of another chain than the manifest's is not asked anything more: its plans say nothing
 /// about this chain.
 pub async fn check(manifest: &Manifest, node: &str) -> Result<DriftReport, DriftError> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|source| DriftError::Unreachable {
-            url: node.to_string(),
-            source,
-        })?;
+    let client = fetch::client(&read_options()).map_err(|source| DriftError::Unreachable {
+        url: node.to_string(),
+        source,
+    })?;
     let info = get(&client, node, "/cosmos/base/tendermint/v1beta1/node_info").await?;
     let chain_id = info["default_node_info"]["network"]
         .as_str()
