@@ -326,6 +326,12 @@ pub enum Error {
     Drift(#[from] crate::checks::drift::DriftError),
     #[error(transparent)]
     Rollback(#[from] crate::run::rollback::RollbackError),
+    #[error("cannot read the upgrade history {}", path.display())]
+    History {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<crate::run::RunError> for Error {
@@ -365,6 +371,7 @@ impl Error {
             Error::Import(e) => e.hint(),
             Error::Pin(e) => e.hint(),
             Error::Rollback(e) => e.hint(),
+            Error::History { .. } => None,
         }
     }
 }
@@ -821,12 +828,9 @@ fn run_backup_list(args: HomeArgs) -> Result<ExitCode, Error> {
 /// `cvx history`: see [`crate::run::history`].
 fn run_history(args: HomeArgs) -> Result<ExitCode, Error> {
     let layout = Layout::new(&args.home);
-    let entries = crate::run::history::read(&layout).map_err(|source| {
-        Error::Apply(ApplyError::Io {
-            action: "read",
-            path: layout.cvx().join("history.jsonl"),
-            source,
-        })
+    let entries = crate::run::history::read(&layout).map_err(|source| Error::History {
+        path: layout.cvx().join("history.jsonl"),
+        source,
     })?;
     if args.json {
         print!(

@@ -594,13 +594,28 @@ fn pending_plan(
             let stage = stages
                 .iter()
                 .find(|s| s.dir == dir && s.action != StageAction::Unmanaged);
-            let applied = current == Some(dir.as_str());
+            // Applied when current points to it, or to an upgrade the manifest lists after it
+            // (a scheduled upgrade leaves the last governance plan in data/).
+            let position = |d: &str| {
+                stages
+                    .iter()
+                    .position(|s| s.dir == d && s.action != StageAction::Unmanaged)
+            };
+            let past = match (current.and_then(position), position(&dir)) {
+                (Some(now), Some(then)) => now > then,
+                _ => false,
+            };
+            let applied = current == Some(dir.as_str()) || past;
             let binary_ready = stage.is_some_and(|s| {
                 s.artifacts
                     .iter()
                     .any(|a| a.kind == ArtifactKind::Binary && a.state == ArtifactState::Ok)
             });
             let reason = match (applied, stage.is_some(), binary_ready) {
+                (true, _, _) if past => format!(
+                    "already applied: current points to {}, which comes after it",
+                    current.unwrap_or_default()
+                ),
                 (true, _, _) => "already applied: current points to it".to_string(),
                 (false, false, _) => {
                     "not in the manifest: add it, or the node cannot continue after the halt"

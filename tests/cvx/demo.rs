@@ -15,6 +15,7 @@ fn the_demo_rehearses_plan_apply_two_governance_upgrades_and_a_scheduled_one() {
         "scheduled: cvx run halts the node at 25",
         "halt-height=25",
         "current -> upgrades/v3.0.1-patch",
+        "pending:  v3 at height 20: already applied: current points to upgrades/v3.0.1-patch, which comes after it",
         "Rehearsal complete",
     ] {
         assert!(
