@@ -429,8 +429,9 @@ impl<'a> Copier<'a> {
                 }
                 Err(e) => return Err(e),
             }
+            // The copy durable first, then its final name: a crash leaves a partial name or a
+            // complete backup, never a complete-looking name on missing bytes.
             self.sync()?;
-            sync_dir(parent)?;
             fs::rename(partial, to)?;
             sync_dir(parent)
         })();
