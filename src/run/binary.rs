@@ -70,19 +70,32 @@ impl Pins {
         let Some(path) = path else {
             return Ok(None);
         };
-        let loaded = crate::manifest::load(path).map_err(|e| BinaryError::Manifest {
+        // Read with serde alone, not the validating reader: the supervisor only compares pins
+        // (`cvx plan` is where a manifest is validated), and the validator's code and
+        // allocations would stay resident in a process that runs for months.
+        let manifest_err = |detail: String| BinaryError::Manifest {
             path: path.to_path_buf(),
-            detail: match &e {
-                crate::manifest::ManifestError::Invalid { problems, .. } => problems
-                    .iter()
-                    .map(|p| format!("\n  {}:{p}", path.display()))
-                    .collect(),
-                other => other.to_string(),
-            },
-        })?;
+            detail,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| manifest_err(e.to_string()))?;
+        let mut manifest: Manifest =
+            toml::from_str(&text).map_err(|e| manifest_err(e.to_string()))?;
+        let pins = manifest.genesis.binary.values_mut().chain(
+            manifest
+                .upgrades
+                .iter_mut()
+                .flat_map(|u| u.binary.values_mut()),
+        );
+        for pin in pins {
+            // As the validator reads them: `sha256:HEX` and upper case are the same pin.
+            pin.sha256 = pin
+                .sha256
+                .trim_start_matches("sha256:")
+                .to_ascii_lowercase();
+        }
         Ok(Some(Pins {
             path: path.to_path_buf(),
-            manifest: loaded.manifest,
+            manifest,
             platform: crate::platform::host_platform(),
             recase,
         }))
@@ -170,7 +183,7 @@ pub fn verify(
     };
     let pin = pins.and_then(|p| p.binary(stage).map(|a| (p, a)));
     let hash = |path: &Path| {
-        crate::hash::sha256_file(path)
+        crate::hash::sha256_file_small(path)
             .map(|(sha, _)| sha)
             .map_err(|source| BinaryError::Io {
                 action: "read",
