@@ -24,7 +24,9 @@ use std::time::{Duration, Instant};
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Result, cpu_model, load_average, percentile, read_stamps, write_executable};
+use support::{
+    Result, cpu_model, cvx_run_start, load_average, percentile, read_stamps, write_executable,
+};
 
 const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
 const CVX: &str = env!("CARGO_BIN_EXE_cvx");
@@ -214,16 +216,7 @@ fn upgrade_with_backup(dir: &Path, template: &Path, round: usize) -> Result<(Dur
         .map_err(|e| format!("cannot link current: {e}"))?;
     let log_path = dir.join(format!("cvx-{round}.log"));
     let log = fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
-    let mut child = Command::new(CVX)
-        .args(["run", "start", "--home"])
-        .arg(&home)
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("DAEMON_HOME", &home)
-        .env("DAEMON_NAME", DAEMON)
+    let mut child = cvx_run_start(Path::new(CVX), &home, DAEMON)
         .env("UNSAFE_SKIP_BACKUP", "false")
         .env("DAEMON_DATA_BACKUP_DIR", &backups)
         .stdin(Stdio::null())

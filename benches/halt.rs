@@ -15,13 +15,16 @@
 //! <= 20 ms, as for governance upgrades. Printed, not enforced.
 
 use std::fs;
-use std::process::{Command, ExitCode, Stdio};
+use std::path::Path;
+use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Result, cpu_model, load_average, percentile, read_stamps, write_executable};
+use support::{
+    Result, cpu_model, cvx_run_start, load_average, percentile, read_stamps, write_executable,
+};
 
 const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
 const CVX: &str = env!("CARGO_BIN_EXE_cvx");
@@ -129,16 +132,7 @@ fn flavour_run(flavour: &str) -> Result<Vec<f64>> {
 
     let log_path = dir.path().join("cvx.log");
     let log = fs::File::create(&log_path).map_err(|e| e.to_string())?;
-    let mut child = Command::new(CVX)
-        .args(["run", "start", "--home"])
-        .arg(&home)
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("DAEMON_HOME", &home)
-        .env("DAEMON_NAME", DAEMON)
+    let mut child = cvx_run_start(Path::new(CVX), &home, DAEMON)
         .env("UNSAFE_SKIP_BACKUP", "true")
         .env("DAEMON_POLL_INTERVAL", "100ms")
         .env("COSMOVISOR_TIMEFORMAT_LOGS", "rfc3339nano")

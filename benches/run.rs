@@ -78,7 +78,10 @@ const SCRAPE_EVERY: Duration = Duration::from_millis(250);
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Result, cpu_model, load_average, now_ns, percentile, read_stamps, write_executable};
+use support::{
+    Result, cpu_model, cvx_run_start, load_average, now_ns, percentile, read_stamps,
+    write_executable,
+};
 
 fn main() -> ExitCode {
     match run() {
@@ -529,18 +532,8 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
     let log = fs::File::create(&log_path)
         .map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
     let started = Instant::now();
-    let mut command = Command::new(cvx_path());
-    command
-        .args(["run", "start", "--home"])
-        .arg(&home)
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        .env("DAEMON_HOME", &home)
-        .env("DAEMON_NAME", DAEMON)
-        .env("UNSAFE_SKIP_BACKUP", "true");
+    let mut command = cvx_run_start(&cvx_path(), &home, DAEMON);
+    command.env("UNSAFE_SKIP_BACKUP", "true");
     if let Some((manifest, addr)) = &metrics {
         command
             .env("CVX_MANIFEST", manifest)

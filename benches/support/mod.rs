@@ -6,6 +6,7 @@ use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub type Result<T> = std::result::Result<T, String>;
@@ -70,4 +71,21 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
     sorted[rank.min(sorted.len()) - 1]
+}
+
+/// `cvx run start --home <home>` with nothing of this shell's environment but PATH, and
+/// DAEMON_HOME and DAEMON_NAME set: the supervisor as a systemd unit would start it.
+pub fn cvx_run_start(cvx: &Path, home: &Path, daemon: &str) -> Command {
+    let mut command = Command::new(cvx);
+    command
+        .args(["run", "start", "--home"])
+        .arg(home)
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        .env("DAEMON_HOME", home)
+        .env("DAEMON_NAME", daemon);
+    command
 }
