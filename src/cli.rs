@@ -437,6 +437,11 @@ pub fn problem_report(
     out
 }
 
+/// `cvx run ARGS`: the supervisor, with the daemon's arguments as given.
+pub fn run_supervisor(args: Vec<std::ffi::OsString>) -> Result<ExitCode, Error> {
+    Ok(ExitCode::from(crate::run::main(args)?))
+}
+
 pub fn run(cli: Cli) -> Result<ExitCode, Error> {
     match cli.command {
         Command::Demo { keep } => {
@@ -452,7 +457,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, Error> {
         } => run_backup_list(args),
         Command::Rollback(args) => run_rollback(args),
         Command::History(args) => run_history(args),
-        Command::Run(args) => Ok(ExitCode::from(crate::run::main(args.args)?)),
+        Command::Run(args) => run_supervisor(args.args),
         Command::Import { source } => run_import(source),
         Command::Pin(args) => run_pin(args),
         Command::Schema(args) => {

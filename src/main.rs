@@ -8,6 +8,12 @@ use cvx::render::Colors;
 use cvx::run::logs;
 
 fn main() -> ExitCode {
+    // `cvx run` hands its arguments to the daemon as they are, so it needs no parser; the
+    // supervisor stays resident for months, and the parser's code and text would stay mapped.
+    let mut args = std::env::args_os();
+    if args.nth(1).is_some_and(|first| first == "run") {
+        return finish(cli::run_supervisor(args.collect()));
+    }
     let cli = Cli::parse();
     // `cvx run` configures its logs from Cosmovisor's variables; the simulated node prints its own.
     if !matches!(
@@ -16,7 +22,11 @@ fn main() -> ExitCode {
     ) {
         init_logging(cli.command.verbosity());
     }
-    match cli::run(cli) {
+    finish(cli::run(cli))
+}
+
+fn finish(result: Result<ExitCode, cli::Error>) -> ExitCode {
+    match result {
         Ok(code) => code,
         Err(err) => {
             let colors = Colors(logs::colour_on_stderr());
