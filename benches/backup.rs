@@ -9,8 +9,11 @@
 //!   cvx backs up `data/` (UNSAFE_SKIP_BACKUP=false, DAEMON_DATA_BACKUP_DIR on the same file
 //!   system), switches and starts v2. Latency = mtime of upgrade-info.json -> v2's exec (stamped
 //!   by its wrapper's `date +%s%N`), as in benches/run.rs.
-//! - `cp -a data <copy>` of the same directory, timed from spawn to exit (no fsync; cvx fsyncs
-//!   every file it copies).
+//! - `cp -a data <copy>` of the same directory, timed from spawn to exit, every file read into the
+//!   page cache just before (no fsync; cvx fsyncs every file it copies).
+//!
+//! The file system is synced (untimed) before each timed operation, so neither pays for the
+//! other's writes: cp -a leaves a gigabyte to write back, and setting up a home links every table.
 //!
 //! Goals (issue 10): cvx's latency <= 5% of `cp -a`, and no more than 1.5x longer when the data
 //! doubles. Printed, not enforced. `CVX_BENCH_SIZES_MIB=1024,2048` and `CVX_BENCH_ROUNDS=3`
@@ -78,9 +81,7 @@ fn run() -> Result<()> {
         let data = dir.path().join("data-template");
         let (tables, bytes) = lsm_data(&data, mib)?;
         // The template's own writes flushed now, not by whatever syncs next.
-        Command::new("sync")
-            .status()
-            .map_err(|e| format!("cannot run sync: {e}"))?;
+        sync()?;
         println!();
         println!(
             "data/: {} MiB in {tables} tables of 2 MiB, {:.1} MiB of mutable files (load average: {})",
@@ -164,8 +165,39 @@ fn lsm_data(data: &Path, mib: u64) -> Result<(usize, (u64, u64))> {
     Ok((tables, ((tables * TABLE) as u64, other)))
 }
 
-/// `cp -a from to`, timed; the copy is removed afterwards.
+/// Flush the file system, so the next timed operation does not pay for the last one's writes
+/// (cp -a's gigabyte, or the metadata of a home just set up).
+fn sync() -> Result<()> {
+    let status = Command::new("sync")
+        .status()
+        .map_err(|e| format!("cannot run sync: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("sync failed: {status}"))
+    }
+}
+
+/// Read every file under `dir`, so it is in the page cache: the machine may have reclaimed some of
+/// it since the last round, and `cp -a` is compared on a warm cache, every round alike.
+fn warm(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))? {
+        let path = entry.map_err(|e| e.to_string())?.path();
+        if path.is_dir() {
+            warm(&path)?;
+        } else {
+            let mut file = fs::File::open(&path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            std::io::copy(&mut file, &mut std::io::sink())
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `cp -a from to` on a warm cache, timed; the copy is removed afterwards.
 fn cp_a(from: &Path, to: &Path) -> Result<Duration> {
+    warm(from)?;
     let start = Instant::now();
     let status = Command::new("cp")
         .arg("-a")
@@ -178,6 +210,7 @@ fn cp_a(from: &Path, to: &Path) -> Result<Duration> {
         return Err(format!("cp -a failed: {status}"));
     }
     fs::remove_dir_all(to).map_err(|e| format!("cannot remove {}: {e}", to.display()))?;
+    sync()?;
     Ok(took)
 }
 
@@ -214,6 +247,7 @@ fn upgrade_with_backup(dir: &Path, template: &Path, round: usize) -> Result<(Dur
     )?;
     std::os::unix::fs::symlink("genesis", root.join("current"))
         .map_err(|e| format!("cannot link current: {e}"))?;
+    sync()?;
     let log_path = dir.join(format!("cvx-{round}.log"));
     let log = fs::File::create(&log_path).map_err(|e| format!("{}: {e}", log_path.display()))?;
     let mut child = cvx_run_start(Path::new(CVX), &home, DAEMON)
