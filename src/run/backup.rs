@@ -112,17 +112,31 @@ fn mtime_ns(meta: &fs::Metadata) -> i128 {
     i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
 }
 
+/// Now, in nanoseconds since the Unix epoch.
+fn now_ns() -> i128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
 /// A time on the file system's own clock that is later than `newest` (the newest mtime in the
 /// backup). File times come from a coarse clock (a few ms per tick) behind the real one, so the
 /// time of a write just after the backup can equal the backup's last write: waiting for the next
 /// tick lets "changed after completion" be `mtime >= finished`, exactly.
 fn fs_clock_after(dir: &Path, newest: i128) -> io::Result<i128> {
     let stamp = dir.join(format!(".cvx-clock-{}", std::process::id()));
+    let started = Instant::now();
     let result = loop {
         let file = File::create(&stamp)?;
         let now = mtime_ns(&file.metadata()?);
         if now > newest {
             break Ok(now);
+        }
+        // A tick is a few ms; no file in the backup is dated ahead of the clock (see copy_file).
+        if started.elapsed() > Duration::from_secs(1) {
+            break Err(io::Error::other(
+                "the file system's clock stays behind the newest file in the backup",
+            ));
         }
         std::thread::sleep(Duration::from_millis(1));
     };
@@ -415,6 +429,13 @@ fn link_all(links: mpsc::Receiver<Link>, cancel: &AtomicBool) -> io::Result<Link
         }
         let (src, dst) = &*link.dirs;
         let stat = rustix::fs::statat(src, &link.name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
+        let mtime = i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec);
+        if mtime > now_ns() {
+            // Dated ahead of the clock (set back since): no completion time could be later than
+            // it, so the damage check could not vouch for a link. A copy gets today's time.
+            linked.failed.push((link.from, link.to));
+            continue;
+        }
         match rustix::fs::linkat(
             src,
             &link.name,
@@ -425,8 +446,6 @@ fn link_all(links: mpsc::Receiver<Link>, cancel: &AtomicBool) -> io::Result<Link
             Ok(()) => {
                 linked.bytes += stat.st_size as u64;
                 linked.files += 1;
-                let mtime =
-                    i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec);
                 linked.newest_ns = linked.newest_ns.max(mtime);
             }
             Err(e) => {
@@ -621,6 +640,10 @@ impl<'a> Copier<'a> {
                 }
             }
         }
+        if self.sharing == Sharing::HardLink && mtime_ns(meta) > now_ns() {
+            // As in `link_all`: a link dated ahead of the clock could not be vouched for.
+            return Ok(false);
+        }
         if self.sharing == Sharing::HardLink {
             match fs::hard_link(from, to) {
                 Ok(()) => {
@@ -659,12 +682,18 @@ impl<'a> Copier<'a> {
         out.flush()?;
         // The source's times, as `cp -a` keeps them: the backup's newest time is then the node's
         // last write, long enough ago that completion needs no wait for the file system's clock.
+        // A time ahead of the clock becomes now: completion must be later than every file.
+        let now = SystemTime::now();
+        let modified = meta.modified()?.min(now);
         out.set_times(
             fs::FileTimes::new()
-                .set_accessed(meta.accessed()?)
-                .set_modified(meta.modified()?),
+                .set_accessed(meta.accessed()?.min(now))
+                .set_modified(modified),
         )?;
-        self.newest_ns = self.newest_ns.max(mtime_ns(meta));
+        let modified = modified
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        self.newest_ns = self.newest_ns.max(modified);
         self.files_copied += 1;
         // Start writing the copy to disk now rather than at the final sync; its pages are not
         // needed in the cache (nothing reads a backup until a rollback).
@@ -861,6 +890,48 @@ mod tests {
             taken(&layout, &plan("v2", 7), true).is_none(),
             "a record whose directory is gone is no backup"
         );
+    }
+
+    #[test]
+    fn files_dated_ahead_of_the_clock_are_copied_with_todays_time_and_the_backup_completes() {
+        let (dir, home) = home();
+        let layout = Layout::new(&home);
+        let db = home.join("data/application.db");
+        // The clock was set back after these were written (an NTP step, a restored snapshot).
+        let tomorrow = SystemTime::now() + Duration::from_secs(86_400);
+        for name in ["000005.ldb", "000006.sst", "000007.log"] {
+            File::options()
+                .write(true)
+                .open(db.join(name))
+                .unwrap()
+                .set_modified(tomorrow)
+                .unwrap();
+        }
+        let go = AtomicBool::new(false);
+        let record = backup(
+            &home,
+            &dir.path().join("backups"),
+            &layout,
+            &plan("v2", 7),
+            "genesis",
+            true,
+            &go,
+        )
+        .unwrap();
+
+        assert_eq!(
+            (record.files_linked, record.files_copied),
+            (0, 6),
+            "the tables copied, not linked"
+        );
+        let backed = record.path.join("application.db");
+        for name in ["000005.ldb", "000006.sst", "000007.log"] {
+            let copy = fs::metadata(backed.join(name)).unwrap();
+            assert_eq!(copy.nlink(), 1);
+            assert!(copy.modified().unwrap() < tomorrow, "{name}");
+        }
+        assert_eq!(record.damage().unwrap(), None);
+        assert!(record.finished_at_ns < now_ns() + 1_000_000_000);
     }
 
     #[test]
