@@ -530,7 +530,13 @@ impl<'a> Copier<'a> {
         let cancel = self.cancel;
         std::thread::scope(|scope| {
             let (links, received) = mpsc::channel();
-            let linker = scope.spawn(move || link_all(received, cancel));
+            let Ok(linker) = std::thread::Builder::new()
+                .name("cvx-backup-links".into())
+                .spawn_scoped(scope, move || link_all(received, cancel))
+            else {
+                // No thread to be had (a tasks limit): this one links as it goes.
+                return self.copy_tree(from, to, true);
+            };
             self.linker = Some(links);
             let walked = self.copy_tree(from, to, true);
             // Dropping the sender ends the linker's loop.
@@ -721,22 +727,27 @@ impl<'a> Copier<'a> {
         // From a few threads at once, so the file system can commit them together.
         let files = std::mem::take(&mut self.unsynced);
         let threads = files.len().clamp(1, SYNC_THREADS);
+        let sync_every = |first: usize| {
+            files
+                .iter()
+                .skip(first)
+                .step_by(threads)
+                .try_for_each(File::sync_all)
+        };
         std::thread::scope(|scope| {
             let syncs: Vec<_> = (0..threads)
                 .map(|first| {
-                    let files = &files;
-                    scope.spawn(move || {
-                        files
-                            .iter()
-                            .skip(first)
-                            .step_by(threads)
-                            .try_for_each(File::sync_all)
-                    })
+                    std::thread::Builder::new()
+                        .name("cvx-backup-sync".into())
+                        .spawn_scoped(scope, move || sync_every(first))
+                        // No thread to be had: this one syncs that share.
+                        .map_err(|_| sync_every(first))
                 })
                 .collect();
-            syncs
-                .into_iter()
-                .try_for_each(|sync| sync.join().expect("fsync does not panic"))
+            syncs.into_iter().try_for_each(|sync| match sync {
+                Ok(thread) => thread.join().expect("fsync does not panic"),
+                Err(synced) => synced,
+            })
         })?;
         for dir in self.dirs.drain(..).rev() {
             sync_dir(&dir)?;
