@@ -428,7 +428,8 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
     // On a terminal the daemon keeps it (see `child`); under systemd it gets a group of its own.
     let terminal = std::io::stdin().is_terminal();
     // A manifest that cannot be read cannot verify anything: say so now, not at the height.
-    Pins::load(config.manifest.as_deref(), config.recase)?;
+    let chain_id = Pins::load(config.manifest.as_deref(), config.recase)?
+        .map(|pins| pins.chain_id().to_string());
     let problems = preflight::unworkable(layout);
     if !problems.is_empty() {
         return Err(RunError::Unworkable { problems });
@@ -468,8 +469,7 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
         armed: None,
         said_waiting: false,
         scheduled: None,
-        chain_id: Pins::load(config.manifest.as_deref(), config.recase)?
-            .map(|p| p.chain_id().to_string()),
+        chain_id,
         foreign: None,
     };
     let operator_halt = halt_height(args);
