@@ -12,7 +12,7 @@ use crate::checks::PlanReport;
 use crate::manifest::{self, Loaded, ManifestError, Problem};
 use crate::plan::{self, Plan, PlanInput};
 use crate::render::{self, Colors};
-use crate::tree::{self, InspectOptions, Layout, Tree, TreeError};
+use crate::tree::{self, InspectOptions, Layout, Tree, TreeError, lock};
 
 /// Exit codes, the one table (README lists it too).
 pub mod exit {
@@ -362,7 +362,7 @@ impl Error {
             Error::Platform { .. } => Some("pass --platform os/arch for one the manifest declares, or add this one to chain.platforms".into()),
             Error::EnvBool { .. } => Some("use true or false".into()),
             Error::Apply(ApplyError::NoHome) => Some("pass --home DIR, set DAEMON_HOME, or set chain.home in the manifest".into()),
-            Error::Apply(ApplyError::Locked { .. }) => Some("wait for the other cvx to finish, or raise --lock-timeout".into()),
+            Error::Apply(ApplyError::Lock(lock::LockError::Locked { .. })) => Some("wait for the other cvx to finish, or raise --lock-timeout".into()),
             Error::Apply(_) => None,
             Error::Run(e) => e.hint(),
             Error::Usage(_) | Error::Runtime(_) | Error::ManPage(_) => None,
@@ -733,7 +733,8 @@ fn apply_report(args: &ApplyArgs) -> Result<apply::Report, Error> {
         return Ok(report);
     }
     // Plan under the lock: what another apply staged meanwhile is seen, not redone.
-    let _lock = apply::lock(&layout, args.lock_timeout, apply::Role::Apply)?;
+    let _lock =
+        lock::lock(&layout, args.lock_timeout, lock::Role::Apply).map_err(ApplyError::from)?;
     let plan = compute_plan(&loaded, Some(home.clone()), None, args.verify)?;
     let options = apply::Options {
         jobs: usize::from(args.jobs),
@@ -784,7 +785,7 @@ fn run_prune(args: PruneArgs) -> Result<ExitCode, Error> {
     let _lock = if args.check {
         None
     } else {
-        Some(apply::lock(&layout, args.lock_timeout, apply::Role::Prune)?)
+        Some(lock::lock(&layout, args.lock_timeout, lock::Role::Prune).map_err(ApplyError::from)?)
     };
     let pruned =
         apply::prune::prune(&layout, &managed, recase, args.check).map_err(ApplyError::from)?;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::backup::{self, BackupError, Record};
-use crate::tree::{self, Layout};
+use crate::tree::{self, Layout, lock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RollbackError {
@@ -31,7 +31,7 @@ pub enum RollbackError {
     #[error("the stage {stage} that ran before the upgrade is not in {}", root.display())]
     NoStage { stage: String, root: PathBuf },
     #[error(transparent)]
-    Locked(#[from] crate::apply::ApplyError),
+    Locked(#[from] crate::tree::lock::LockError),
     #[error(transparent)]
     Backup(#[from] BackupError),
     #[error("cannot point current to {stage}")]
@@ -202,11 +202,7 @@ pub async fn execute(
             home: home.to_path_buf(),
         });
     }
-    let _lock = crate::apply::lock(
-        layout,
-        std::time::Duration::ZERO,
-        crate::apply::Role::Rollback,
-    )?;
+    let _lock = lock::lock(layout, std::time::Duration::ZERO, lock::Role::Rollback)?;
     let aside = backup::restore(home, record, owner)?;
     crate::apply::install::point_current(layout, &record.from_stage).map_err(|source| {
         RollbackError::Switch {

@@ -22,7 +22,7 @@ use super::binary::{self, BinaryError, Pins};
 use super::config::Config;
 use crate::apply::{self, fetch, install};
 use crate::errors::error_chain;
-use crate::tree::{self, Layout, PlanInfo};
+use crate::tree::{self, Layout, PlanInfo, lock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
@@ -39,7 +39,7 @@ pub enum UpgradeError {
     #[error("cannot download the binary for upgrade {name:?}: {reason}")]
     Download { name: String, reason: String },
     #[error("cannot take the tree's lock")]
-    Lock(#[source] apply::ApplyError),
+    Lock(#[source] lock::LockError),
     #[error("cannot switch current to {dir}")]
     Switch {
         dir: String,
@@ -142,12 +142,12 @@ pub fn library_path(layout: &Layout, stage: &str) -> OsString {
 
 /// Take the tree's lock, waiting (saying so) while `cvx apply` holds it: it may be staging the
 /// very binary this upgrade needs. Cancel it with [`Cancel::guard`].
-pub async fn lock(layout: &Layout) -> Result<apply::TreeLock, UpgradeError> {
+pub async fn lock(layout: &Layout) -> Result<lock::TreeLock, UpgradeError> {
     let mut said = false;
     loop {
-        match apply::lock(layout, Duration::ZERO, apply::Role::Run) {
+        match lock::lock(layout, Duration::ZERO, lock::Role::Run) {
             Ok(lock) => return Ok(lock),
-            Err(apply::ApplyError::Locked { holder, path, .. }) => {
+            Err(lock::LockError::Locked { holder, path, .. }) => {
                 if !said {
                     info!(
                         "{} holds {}; waiting for it to finish",

@@ -1,11 +1,14 @@
 //! Read-only inspection of the Cosmovisor tree under `$DAEMON_HOME` (DESIGN §3).
 //!
-//! Nothing here writes. A home that does not exist is an empty tree, and `upgrade-info.json` in
-//! any state (missing, empty, half-written, garbage) is a state to report, never a failure.
+//! Nothing here changes the tree. A home that does not exist is an empty tree, and
+//! `upgrade-info.json` in any state (missing, empty, half-written, garbage) is a state to report,
+//! never a failure.
 //!
-//! Owns the tree's layout (paths under `cosmovisor/`) and its [`receipt`]s. Must not touch the
-//! manifest's meaning or the network: the plan decides, apply and run write.
+//! Owns the tree's layout (paths under `cosmovisor/`), its [`receipt`]s and its [`lock`], where
+//! the commands that change the tree meet. Must not touch the manifest's meaning or the network:
+//! the plan decides, apply and run write.
 
+pub mod lock;
 pub mod receipt;
 
 use std::collections::{BTreeMap, BTreeSet};
