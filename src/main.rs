@@ -12,7 +12,12 @@ fn main() -> ExitCode {
     // supervisor stays resident for months, and the parser's code and text would stay mapped.
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|first| first == "run") {
-        return finish(cli::run_supervisor(args.collect()));
+        let mut daemon_args: Vec<_> = args.collect();
+        // As with the parser: a first `--` only separates cvx's arguments from the daemon's.
+        if daemon_args.first().is_some_and(|arg| arg == "--") {
+            daemon_args.remove(0);
+        }
+        return finish(cli::run_supervisor(daemon_args));
     }
     let cli = Cli::parse();
     // `cvx run` configures its logs from Cosmovisor's variables; the simulated node prints its own.

@@ -188,6 +188,13 @@ impl Drop for Reaper {
 /// DAEMON_HOME, DAEMON_NAME=simd, DAEMON_POLL_INTERVAL=50ms, UNSAFE_SKIP_BACKUP=true, then `env`
 /// (which may override them).
 pub(crate) fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Command {
+    let mut cmd = cvx_run(ctx, env);
+    cmd.args(["start", "--home"]).arg(&ctx.home).args(extra);
+    cmd
+}
+
+/// `cvx run`, with the test's environment and no daemon arguments yet.
+fn cvx_run(ctx: &Ctx, env: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(CVX);
     cmd.current_dir(ctx.dir.path());
     for (key, _) in std::env::vars_os() {
@@ -204,9 +211,7 @@ pub(crate) fn command(ctx: &Ctx, env: &[(&str, &str)], extra: &[&str]) -> Comman
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.args(["run", "start", "--home"])
-        .arg(&ctx.home)
-        .args(extra);
+    cmd.arg("run");
     cmd
 }
 
@@ -1529,6 +1534,25 @@ fn commands_other_than_start_leave_current_alone() {
         "no backup either"
     );
     assert!(!ctx.cosmovisor(".cvx").exists(), "not even a lock file");
+}
+
+#[test]
+fn a_first_double_dash_separates_cvx_from_the_daemons_arguments() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    genesis(&ctx, "--sim-upgrade v2@3");
+    stage_bin(
+        &ctx,
+        "upgrades/v2",
+        &wrapper("--sim-handlers v2 --sim-exit-at 4 0"),
+    );
+    // `cvx run -- start --home H`: still `start`, so supervised through the upgrade.
+    let mut cmd = cvx_run(&ctx, &[]);
+    cmd.args(["--", "start", "--home"]).arg(&ctx.home);
+    let (_, stderr) = spawn(&ctx, cmd).finish(0);
+
+    assert!(stderr.contains("upgrade detected"), "{stderr}");
+    assert_eq!(current(&ctx), "upgrades/v2");
 }
 
 /// A manifest pinning the genesis and v2 wrappers (files in the test dir), applied to the home.
