@@ -398,16 +398,35 @@ struct Copier<'a> {
     unsynced: Vec<File>,
     dirs: Vec<PathBuf>,
     /// Where hard links of table files go while `walk` runs: to a thread of their own.
-    linker: Option<mpsc::Sender<Link>>,
+    linker: Option<mpsc::SyncSender<Link>>,
 }
 
-/// A table file to hard-link: `name` in the database directory `dirs.0`, into `dirs.1`.
-struct Link {
-    dirs: Arc<(OwnedFd, OwnedFd)>,
-    name: OsString,
-    from: PathBuf,
-    to: PathBuf,
+/// A database directory and its copy, open, for links relative to them.
+struct Dirs {
+    from: OwnedFd,
+    to: OwnedFd,
+    from_path: PathBuf,
+    to_path: PathBuf,
 }
+
+/// A table file to hard-link: `name` from one database directory into its copy.
+struct Link {
+    dirs: Arc<Dirs>,
+    name: OsString,
+}
+
+impl Link {
+    fn paths(&self) -> (PathBuf, PathBuf) {
+        (
+            self.dirs.from_path.join(&self.name),
+            self.dirs.to_path.join(&self.name),
+        )
+    }
+}
+
+/// Links waiting for the linker, at most: a database holds tens of thousands of tables, and the
+/// queue is held in the supervisor's memory.
+const LINK_QUEUE: usize = 8192;
 
 /// What the linker did: the links made, and the tables it could not link (to be copied).
 #[derive(Default)]
@@ -427,13 +446,13 @@ fn link_all(links: mpsc::Receiver<Link>, cancel: &AtomicBool) -> io::Result<Link
         if cancel.load(Ordering::Relaxed) {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
-        let (src, dst) = &*link.dirs;
+        let (src, dst) = (&link.dirs.from, &link.dirs.to);
         let stat = rustix::fs::statat(src, &link.name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
         let mtime = i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec);
         if mtime > now_ns() {
             // Dated ahead of the clock (set back since): no completion time could be later than
             // it, so the damage check could not vouch for a link. A copy gets today's time.
-            linked.failed.push((link.from, link.to));
+            linked.failed.push(link.paths());
             continue;
         }
         match rustix::fs::linkat(
@@ -452,10 +471,10 @@ fn link_all(links: mpsc::Receiver<Link>, cancel: &AtomicBool) -> io::Result<Link
                 if linked.failed.is_empty() {
                     tracing::debug!(
                         "cannot hard-link {} ({e}); copying it instead",
-                        link.from.display()
+                        link.paths().0.display()
                     );
                 }
-                linked.failed.push((link.from, link.to));
+                linked.failed.push(link.paths());
             }
         }
     }
@@ -529,7 +548,7 @@ impl<'a> Copier<'a> {
     fn walk(&mut self, from: &Path, to: &Path) -> io::Result<()> {
         let cancel = self.cancel;
         std::thread::scope(|scope| {
-            let (links, received) = mpsc::channel();
+            let (links, received) = mpsc::sync_channel(LINK_QUEUE);
             let Ok(linker) = std::thread::Builder::new()
                 .name("cvx-backup-links".into())
                 .spawn_scoped(scope, move || link_all(received, cancel))
@@ -573,33 +592,42 @@ impl<'a> Copier<'a> {
                         rustix::fs::Mode::empty(),
                     )
                 };
-                Some(Arc::new((open(from)?, open(to)?)))
+                Some(Arc::new(Dirs {
+                    from: open(from)?,
+                    to: open(to)?,
+                    from_path: from.to_path_buf(),
+                    to_path: to.to_path_buf(),
+                }))
             } else {
                 None
             };
-            // Tables first, so the linker starts at once; the copies follow on this thread.
-            let mut entries = fs::read_dir(from)?.collect::<io::Result<Vec<_>>>()?;
-            entries.sort_by_key(|entry| !is_table(&entry.file_name(), database));
-            for entry in entries {
+            // Tables first, as they come, so the linker starts at once; the rest (a few files)
+            // follows on this thread.
+            let mut rest = Vec::new();
+            for entry in fs::read_dir(from)? {
+                let entry = entry?;
                 let name = entry.file_name();
-                if let (Some(dirs), Some(linker)) = (&dirs, &self.linker)
-                    && self.sharing == Sharing::HardLink
-                    && is_table(&name, true)
-                    && entry.file_type()?.is_file()
-                {
-                    let link = Link {
-                        dirs: Arc::clone(dirs),
-                        from: entry.path(),
-                        to: to.join(&name),
-                        name,
-                    };
-                    if linker.send(link).is_ok() {
-                        continue;
-                    }
-                    // The linker stopped (interrupted, or an error it reports at the join).
-                    return self.check();
+                if !(is_table(&name, database) && entry.file_type()?.is_file()) {
+                    rest.push(entry);
+                    continue;
                 }
-                self.copy_tree(&entry.path(), &to.join(&name), database)?;
+                match (&dirs, &self.linker) {
+                    (Some(dirs), Some(linker)) if self.sharing == Sharing::HardLink => {
+                        let link = Link {
+                            dirs: Arc::clone(dirs),
+                            name,
+                        };
+                        if linker.send(link).is_err() {
+                            // The linker stopped (interrupted, or an error it reports at the join).
+                            return self.check();
+                        }
+                    }
+                    // Reflinked or copied here; the first table also settles which.
+                    _ => self.copy_tree(&entry.path(), &to.join(&name), database)?,
+                }
+            }
+            for entry in rest {
+                self.copy_tree(&entry.path(), &to.join(entry.file_name()), database)?;
             }
             fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
             self.dirs.push(to.to_path_buf());
@@ -964,15 +992,18 @@ mod tests {
             )
             .unwrap()
         };
-        let dirs = Arc::new((open(&from), open(&to)));
+        let dirs = Arc::new(Dirs {
+            from: open(&from),
+            to: open(&to),
+            from_path: from.clone(),
+            to_path: to.clone(),
+        });
         let (links, received) = mpsc::channel();
         for name in ["000001.ldb", "000002.ldb"] {
             links
                 .send(Link {
                     dirs: Arc::clone(&dirs),
                     name: name.into(),
-                    from: from.join(name),
-                    to: to.join(name),
                 })
                 .unwrap();
         }
