@@ -17,7 +17,8 @@
 //!
 //! Goals (issue 10): cvx's latency <= 5% of `cp -a`, and no more than 1.5x longer when the data
 //! doubles. Printed, not enforced. `CVX_BENCH_SIZES_MIB=1024,2048` and `CVX_BENCH_ROUNDS=3`
-//! change the sizes and rounds. Needs Linux, GNU date, cp, and twice the largest size free.
+//! change the sizes and rounds; `CVX_BENCH_TABLE_KIB=2048` the size of a table (small tables give
+//! many of them in little space, to see the cost per table in a large directory). Needs Linux, GNU date, cp, and twice the largest size free.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,7 +35,6 @@ use support::{
 const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
 const CVX: &str = env!("CARGO_BIN_EXE_cvx");
 const DAEMON: &str = "simd";
-const TABLE: usize = 2 << 20;
 const DEADLINE: Duration = Duration::from_secs(120);
 const RATIO_GOAL: f64 = 0.05;
 const GROWTH_GOAL: f64 = 1.5;
@@ -65,6 +65,7 @@ fn env_list(name: &str, default: &[u64]) -> Result<Vec<u64>> {
 
 fn run() -> Result<()> {
     let sizes = env_list("CVX_BENCH_SIZES_MIB", &[1024, 2048])?;
+    let table = (env_list("CVX_BENCH_TABLE_KIB", &[2048])?[0].max(1) << 10) as usize;
     let rounds = env_list("CVX_BENCH_ROUNDS", &[3])?[0].max(1) as usize;
     println!(
         "backup benchmark: upgrade-info.json -> new daemon's exec with backups on, beside `cp -a` of the same data/"
@@ -79,13 +80,14 @@ fn run() -> Result<()> {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR"))
             .map_err(|e| format!("cannot make a temp dir: {e}"))?;
         let data = dir.path().join("data-template");
-        let (tables, bytes) = lsm_data(&data, mib)?;
+        let (tables, bytes) = lsm_data(&data, mib, table)?;
         // The template's own writes flushed now, not by whatever syncs next.
         sync()?;
         println!();
         println!(
-            "data/: {} MiB in {tables} tables of 2 MiB, {:.1} MiB of mutable files (load average: {})",
+            "data/: {} MiB in {tables} tables of {} KiB, {:.1} MiB of mutable files (load average: {})",
             bytes.0 >> 20,
+            table >> 10,
             bytes.1 as f64 / (1 << 20) as f64,
             load_average()
         );
@@ -132,8 +134,9 @@ fn verdict(met: bool) -> &'static str {
     if met { "MET" } else { "NOT MET" }
 }
 
-/// An LSM-shaped data directory of about `mib` MiB; returns (tables, (table bytes, other bytes)).
-fn lsm_data(data: &Path, mib: u64) -> Result<(usize, (u64, u64))> {
+/// An LSM-shaped data directory of about `mib` MiB in tables of `table` bytes; returns (tables,
+/// (table bytes, other bytes)).
+fn lsm_data(data: &Path, mib: u64, table: usize) -> Result<(usize, (u64, u64))> {
     let db = data.join("application.db");
     let io = |p: &Path| {
         let p = p.to_path_buf();
@@ -142,8 +145,8 @@ fn lsm_data(data: &Path, mib: u64) -> Result<(usize, (u64, u64))> {
     fs::create_dir_all(&db).map_err(io(&db))?;
     fs::create_dir_all(data.join("cs.wal")).map_err(io(data))?;
     // Table bodies differ from each other, as real tables do.
-    let mut block = vec![0u8; TABLE];
-    let tables = ((mib << 20) as usize).div_ceil(TABLE);
+    let mut block = vec![0u8; table];
+    let tables = ((mib << 20) as usize).div_ceil(table);
     for i in 0..tables {
         block[..8].copy_from_slice(&(i as u64).to_le_bytes());
         let path = db.join(format!("{:06}.ldb", i + 10));
@@ -162,7 +165,7 @@ fn lsm_data(data: &Path, mib: u64) -> Result<(usize, (u64, u64))> {
         fs::write(path, vec![b'm'; *size]).map_err(io(path))?;
         other += *size as u64;
     }
-    Ok((tables, ((tables * TABLE) as u64, other)))
+    Ok((tables, ((tables * table) as u64, other)))
 }
 
 /// Flush the file system, so the next timed operation does not pay for the last one's writes
