@@ -409,10 +409,13 @@ struct Dirs {
     to_path: PathBuf,
 }
 
-/// A table file to hard-link: `name` from one database directory into its copy.
+/// A table file to hard-link: `name` from one database directory into its copy, with its size
+/// and modification time (read by the walking thread, so the linker only links).
 struct Link {
     dirs: Arc<Dirs>,
     name: OsString,
+    size: u64,
+    mtime_ns: i128,
 }
 
 impl Link {
@@ -447,14 +450,6 @@ fn link_all(links: mpsc::Receiver<Link>, cancel: &AtomicBool) -> io::Result<Link
             return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
         let (src, dst) = (&link.dirs.from, &link.dirs.to);
-        let stat = rustix::fs::statat(src, &link.name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)?;
-        let mtime = i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec);
-        if mtime > now_ns() {
-            // Dated ahead of the clock (set back since): no completion time could be later than
-            // it, so the damage check could not vouch for a link. A copy gets today's time.
-            linked.failed.push(link.paths());
-            continue;
-        }
         match rustix::fs::linkat(
             src,
             &link.name,
@@ -463,9 +458,9 @@ fn link_all(links: mpsc::Receiver<Link>, cancel: &AtomicBool) -> io::Result<Link
             rustix::fs::AtFlags::empty(),
         ) {
             Ok(()) => {
-                linked.bytes += stat.st_size as u64;
+                linked.bytes += link.size;
                 linked.files += 1;
-                linked.newest_ns = linked.newest_ns.max(mtime);
+                linked.newest_ns = linked.newest_ns.max(link.mtime_ns);
             }
             Err(e) => {
                 if linked.failed.is_empty() {
@@ -604,6 +599,7 @@ impl<'a> Copier<'a> {
             // Tables first, as they come, so the linker starts at once; the rest (a few files)
             // follows on this thread.
             let mut rest = Vec::new();
+            let now = now_ns();
             for entry in fs::read_dir(from)? {
                 let entry = entry?;
                 let name = entry.file_name();
@@ -613,9 +609,19 @@ impl<'a> Copier<'a> {
                 }
                 match (&dirs, &self.linker) {
                     (Some(dirs), Some(linker)) if self.sharing == Sharing::HardLink => {
+                        let meta = entry.metadata()?;
+                        if mtime_ns(&meta) > now {
+                            // Dated ahead of the clock (set back since): no completion time
+                            // could be later, so the damage check could not vouch for a link.
+                            // A copy gets today's time.
+                            self.copy_file(&entry.path(), &to.join(&name), &meta)?;
+                            continue;
+                        }
                         let link = Link {
                             dirs: Arc::clone(dirs),
                             name,
+                            size: meta.len(),
+                            mtime_ns: mtime_ns(&meta),
                         };
                         if linker.send(link).is_err() {
                             // The linker stopped (interrupted, or an error it reports at the join).
@@ -1004,13 +1010,15 @@ mod tests {
                 .send(Link {
                     dirs: Arc::clone(&dirs),
                     name: name.into(),
+                    size: 10,
+                    mtime_ns: 1,
                 })
                 .unwrap();
         }
         drop(links);
         let linked = link_all(received, &AtomicBool::new(false)).unwrap();
 
-        assert_eq!((linked.files, linked.bytes), (1, 10));
+        assert_eq!((linked.files, linked.bytes, linked.newest_ns), (1, 10, 1));
         assert_eq!(
             linked.failed,
             vec![(from.join("000002.ldb"), to.join("000002.ldb"))]
