@@ -819,6 +819,13 @@ mod tests {
         (dir, home)
     }
 
+    /// The backup before v2 at height 7, taken while genesis runs, uninterrupted.
+    fn back_up(home: &Path, backups: &Path) -> Record {
+        let go = AtomicBool::new(false);
+        let layout = Layout::new(home);
+        backup(home, backups, &layout, &plan("v2", 7), "genesis", true, &go).unwrap()
+    }
+
     #[test]
     fn tables_are_shared_the_rest_copied_and_a_cancelled_backup_leaves_nothing() {
         let (dir, home) = home();
@@ -940,7 +947,6 @@ mod tests {
     #[test]
     fn files_dated_ahead_of_the_clock_are_copied_with_todays_time_and_the_backup_completes() {
         let (dir, home) = home();
-        let layout = Layout::new(&home);
         let db = home.join("data/application.db");
         // The clock was set back after these were written (an NTP step, a restored snapshot).
         let tomorrow = SystemTime::now() + Duration::from_secs(86_400);
@@ -952,17 +958,7 @@ mod tests {
                 .set_modified(tomorrow)
                 .unwrap();
         }
-        let go = AtomicBool::new(false);
-        let record = backup(
-            &home,
-            &dir.path().join("backups"),
-            &layout,
-            &plan("v2", 7),
-            "genesis",
-            true,
-            &go,
-        )
-        .unwrap();
+        let record = back_up(&home, &dir.path().join("backups"));
 
         assert_eq!(
             (record.files_linked, record.files_copied),
@@ -1029,18 +1025,7 @@ mod tests {
     #[test]
     fn a_restore_keeps_the_current_data_and_leaves_the_backup_usable() {
         let (dir, home) = home();
-        let layout = Layout::new(&home);
-        let go = AtomicBool::new(false);
-        let record = backup(
-            &home,
-            &dir.path().join("backups"),
-            &layout,
-            &plan("v2", 7),
-            "genesis",
-            true,
-            &go,
-        )
-        .unwrap();
+        let record = back_up(&home, &dir.path().join("backups"));
         fs::write(
             home.join("data/application.db/CURRENT"),
             "MANIFEST-000009\n",
