@@ -7,6 +7,7 @@
 //! (named by the time it was replaced), so it is kept without a copy on the hot path. Run as root
 //! on another user's home, whatever is created is given to the home's owner ([`crate::owner`]).
 
+use crate::errors::io_err;
 use std::fs::{self, File, Permissions};
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -33,24 +34,10 @@ pub struct Installed {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::errors::IoError),
     #[error(transparent)]
     Unpack(#[from] UnpackError),
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> InstallError + use<> {
-    let path = path.to_path_buf();
-    move |source| InstallError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// One file to install.
@@ -116,7 +103,7 @@ pub fn install(source: &Source<'_>, dest: &Dest<'_>) -> Result<Installed, Instal
         None => {
             let mut from = File::open(source.file).map_err(io_err("read", source.file))?;
             let (size, replaced) = write_new(dest, |tmp, path| {
-                io::copy(&mut from, tmp).map_err(io_err("write", path))
+                Ok(io::copy(&mut from, tmp).map_err(io_err("write", path))?)
             })?;
             Installed {
                 sha256: source.sha256.to_string(),
@@ -239,11 +226,7 @@ pub fn hash_unchanged(path: &Path) -> Result<(String, FileIdentity), InstallErro
     let after = fs::symlink_metadata(path).map_err(io_err("read", path))?;
     let identity = FileIdentity::of(&after);
     if FileIdentity::of(&before) != identity {
-        return Err(InstallError::Io {
-            action: "read",
-            path: path.to_path_buf(),
-            source: io::Error::other("it changed while cvx read it"),
-        });
+        return Err(io_err("read", path)(io::Error::other("it changed while cvx read it")).into());
     }
     Ok((sha256, identity))
 }
@@ -251,10 +234,10 @@ pub fn hash_unchanged(path: &Path) -> Result<(String, FileIdentity), InstallErro
 fn temp_beside(dest: &Dest<'_>) -> Result<tempfile::NamedTempFile, InstallError> {
     let dir = dest.dir();
     owner::create_dir_all(dest.owner, dir).map_err(io_err("create directory", dir))?;
-    tempfile::Builder::new()
+    Ok(tempfile::Builder::new()
         .prefix(".cvx-")
         .tempfile_in(dir)
-        .map_err(io_err("create a temp file in", dir))
+        .map_err(io_err("create a temp file in", dir))?)
 }
 
 /// Install at `dest` the bytes `write` puts into a fresh temp file beside it (given with its
@@ -281,18 +264,18 @@ pub fn replace_symlink(target: &str, dest: &Dest<'_>) -> Result<Option<PathBuf>,
     let tmp = dir.join(format!(".cvx-{name}.{}.link", std::process::id()));
     match fs::remove_file(&tmp) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            return Err(io_err("remove", &tmp)(e));
+            return Err(io_err("remove", &tmp)(e).into());
         }
         _ => {}
     }
     std::os::unix::fs::symlink(target, &tmp).map_err(io_err("create symlink", &tmp))?;
     let placed = owner::give(dest.owner, &tmp)
-        .map_err(io_err("set the owner of", &tmp))
+        .map_err(|e| io_err("set the owner of", &tmp)(e).into())
         .and_then(|()| keep_aside(dest))
         .and_then(|replaced| {
             fs::rename(&tmp, dest.path)
                 .map(|()| replaced)
-                .map_err(io_err("move into place", dest.path))
+                .map_err(|e| io_err("move into place", dest.path)(e).into())
         });
     if placed.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -302,13 +285,14 @@ pub fn replace_symlink(target: &str, dest: &Dest<'_>) -> Result<Option<PathBuf>,
 
 /// fsync a directory, so the renames in it survive a crash.
 pub fn sync_dir(dir: &Path) -> Result<(), InstallError> {
-    File::open(dir)
+    Ok(File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("sync directory", dir))
+        .map_err(io_err("sync directory", dir))?)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), InstallError> {
-    fs::set_permissions(path, Permissions::from_mode(mode)).map_err(io_err("set the mode of", path))
+    Ok(fs::set_permissions(path, Permissions::from_mode(mode))
+        .map_err(io_err("set the mode of", path))?)
 }
 
 /// Mode, owner, fsync, keep the old file aside, rename over the destination.
@@ -319,11 +303,8 @@ fn finish(tmp: tempfile::NamedTempFile, dest: &Dest<'_>) -> Result<Option<PathBu
         .sync_all()
         .map_err(io_err("sync", tmp.path()))?;
     let replaced = keep_aside(dest)?;
-    tmp.persist(dest.path).map_err(|e| InstallError::Io {
-        action: "move into place",
-        path: dest.path.to_path_buf(),
-        source: e.error,
-    })?;
+    tmp.persist(dest.path)
+        .map_err(|e| io_err("move into place", dest.path)(e.error))?;
     Ok(replaced)
 }
 
@@ -334,7 +315,7 @@ fn keep_aside(dest: &Dest<'_>) -> Result<Option<PathBuf>, InstallError> {
     let meta = match fs::symlink_metadata(dest.path) {
         Ok(meta) => meta,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("inspect", dest.path)(e)),
+        Err(e) => return Err(io_err("inspect", dest.path)(e).into()),
     };
     owner::create_dir_all(dest.owner, dest.aside)
         .map_err(io_err("create directory", dest.aside))?;

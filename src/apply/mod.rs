@@ -12,6 +12,7 @@ pub mod progress;
 pub mod prune;
 pub mod unpack;
 
+use crate::errors::io_err;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -145,28 +146,14 @@ impl Report {
 pub enum ApplyError {
     #[error("no home: cvx apply needs to know where the Cosmovisor tree is")]
     NoHome,
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::errors::IoError),
     #[error(transparent)]
     Lock(#[from] crate::tree::lock::LockError),
     #[error(transparent)]
     Client(#[from] FetchError),
     #[error(transparent)]
     Prune(#[from] prune::PruneError),
-}
-
-fn io_err(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> ApplyError {
-    let path = path.into();
-    move |source| ApplyError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// The report `--check` gives: what apply would do, without doing it.
@@ -289,7 +276,7 @@ pub async fn execute(
     crate::owner::create_dir_all(owner, &root).map_err(io_err("create directory", &root))?;
     // Made here so a download's partial file is in a directory the home's owner can write.
     crate::owner::create_dir_all(owner, &layout.partial())
-        .map_err(io_err("create directory", layout.partial()))?;
+        .map_err(io_err("create directory", &layout.partial()))?;
     let fetch_options = FetchOptions {
         owner,
         ..options.fetch.clone()
@@ -841,11 +828,11 @@ pub fn stage_archive_tree(
 /// Drop the receipt of `rel` before its file is replaced: a crash in between leaves no receipt
 /// vouching for bytes it did not see.
 fn forget(layout: &Layout, rel: &str) -> Result<(), InstallError> {
-    receipt::remove(&layout.receipts(), rel).map_err(|source| InstallError::Io {
-        action: "remove the old receipt",
-        path: receipt::receipt_path(&layout.receipts(), rel),
-        source,
-    })
+    let path = receipt::receipt_path(&layout.receipts(), rel);
+    Ok(
+        receipt::remove(&layout.receipts(), rel)
+            .map_err(io_err("remove the old receipt", &path))?,
+    )
 }
 
 fn record(
@@ -854,11 +841,8 @@ fn record(
     installed: install::Installed,
     staging: &Staging<'_>,
 ) -> Result<(), InstallError> {
-    write_receipt(layout, rel, installed, staging).map_err(|source| InstallError::Io {
-        action: "write the receipt of",
-        path: layout.root().join(rel),
-        source,
-    })
+    Ok(write_receipt(layout, rel, installed, staging)
+        .map_err(io_err("write the receipt of", &layout.root().join(rel)))?)
 }
 
 fn sync_parent(dest: &Path) -> Result<(), InstallError> {
@@ -883,33 +867,20 @@ fn copy_daemon(
         owner: layout.owner(),
     };
     install::write_new(&target, |tmp, path| {
-        let source = File::open(from).map_err(|source| InstallError::Io {
-            action: "read",
-            path: from.to_path_buf(),
-            source,
-        })?;
-        let (sha256, _) =
-            crate::hash::sha256_reader(Tee { source, out: tmp }).map_err(|source| {
-                InstallError::Io {
-                    action: "copy the daemon binary to",
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
+        let source = File::open(from).map_err(io_err("read", from))?;
+        let (sha256, _) = crate::hash::sha256_reader(Tee { source, out: tmp })
+            .map_err(io_err("copy the daemon binary to", path))?;
         if sha256 == installed.sha256 {
             Ok(())
         } else {
-            Err(InstallError::Io {
-                action: "copy the daemon binary from",
-                path: from.to_path_buf(),
-                source: io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "it changed after it was unpacked (sha256 {sha256}, unpacked as {})",
-                        installed.sha256
-                    ),
+            let changed = io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "it changed after it was unpacked (sha256 {sha256}, unpacked as {})",
+                    installed.sha256
                 ),
-            })
+            );
+            Err(io_err("copy the daemon binary from", from)(changed).into())
         }
     })?;
     sync_parent(&dest)?;
@@ -932,6 +903,6 @@ impl Read for Tee<'_> {
 
 /// `current -> genesis`, relative as Cosmovisor writes it.
 fn create_current(layout: &Layout) -> Result<(), ApplyError> {
-    install::point_current(layout, crate::tree::GENESIS)
-        .map_err(io_err("point current at genesis in", layout.root()))
+    Ok(install::point_current(layout, crate::tree::GENESIS)
+        .map_err(io_err("point current at genesis in", &layout.root()))?)
 }

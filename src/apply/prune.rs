@@ -9,6 +9,7 @@
 //! it never races an apply or a switch by `cvx run`; `--check` says what it would remove and
 //! removes nothing.
 
+use crate::errors::io_err;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -60,22 +61,8 @@ pub struct Kept {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PruneError {
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PruneError + use<> {
-    let path = path.to_path_buf();
-    move |source| PruneError::Io {
-        action,
-        path,
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] crate::errors::IoError),
 }
 
 /// Prune the tree at `layout`, keeping the stages in `managed` (`genesis`, `upgrades/<dir>`).
@@ -108,7 +95,7 @@ pub fn prune(
             .map(|e| format!("upgrades/{}", e.file_name().to_string_lossy()))
             .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(io_err("read", &upgrades)(e)),
+        Err(e) => return Err(io_err("read", &upgrades)(e).into()),
     };
     stages.sort();
     for stage in stages.into_iter().filter(|s| !managed.contains(s)) {
@@ -133,7 +120,7 @@ pub fn prune(
             let receipts = layout.receipts().join(&stage);
             match fs::remove_dir_all(&receipts) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    return Err(io_err("remove", &receipts)(e));
+                    return Err(io_err("remove", &receipts)(e).into());
                 }
                 _ => {}
             }

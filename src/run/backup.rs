@@ -14,6 +14,7 @@
 //! silently corrupt state. Cancellable between chunks and files, leaving no complete-looking
 //! directory behind.
 
+use crate::errors::io_err;
 use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -41,24 +42,10 @@ pub enum BackupError {
         need: u64,
         free: u64,
     },
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::errors::IoError),
     #[error("backup to {} interrupted by a signal; the partial copy was removed", to.display())]
     Interrupted { to: PathBuf },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BackupError + use<> {
-    let path = path.to_path_buf();
-    move |source| BackupError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// A finished backup, as recorded under `.cvx/backups/`.
@@ -234,11 +221,7 @@ pub fn backup(
         return Err(if cancel.load(Ordering::Relaxed) {
             BackupError::Interrupted { to }
         } else {
-            BackupError::Io {
-                action: "back up data to",
-                path: to,
-                source: e,
-            }
+            io_err("back up data to", &to)(e).into()
         });
     }
     let finished_at_ns = fs_clock_after(backup_dir, copier.newest_ns)

@@ -33,13 +33,8 @@ pub enum BinaryError {
     },
     #[error("cannot read the manifest {} to verify the binary against its pin: {detail}", path.display())]
     Manifest { path: PathBuf, detail: String },
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::errors::IoError),
 }
 
 impl BinaryError {
@@ -50,7 +45,7 @@ impl BinaryError {
             BinaryError::Tampered { .. } => "find out who changed it, then stage the pinned bytes again with `cvx apply` (`--force` for the stage current points to)".into(),
             BinaryError::NotPinned { .. } => "run `cvx apply` to stage the pinned binary (`--force` for the stage current points to)".into(),
             BinaryError::Manifest { .. } => "fix the manifest (`cvx plan -m PATH` shows every problem), or unset CVX_MANIFEST".into(),
-            BinaryError::Io { .. } => return None,
+            BinaryError::Io(_) => return None,
         })
     }
 }
@@ -174,21 +169,23 @@ pub fn verify(
         Ok(_) => return Err(BinaryError::Missing { path }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(BinaryError::Missing { path }),
         Err(source) => {
-            return Err(BinaryError::Io {
+            return Err(BinaryError::Io(crate::errors::IoError {
                 action: "inspect",
                 path,
                 source,
-            });
+            }));
         }
     };
     let pin = pins.and_then(|p| p.binary(stage).map(|a| (p, a)));
     let hash = |path: &Path| {
         crate::hash::sha256_file_small(path)
             .map(|(sha, _)| sha)
-            .map_err(|source| BinaryError::Io {
-                action: "read",
-                path: path.to_path_buf(),
-                source,
+            .map_err(|source| {
+                BinaryError::Io(crate::errors::IoError {
+                    action: "read",
+                    path: path.to_path_buf(),
+                    source,
+                })
             })
     };
     match crate::tree::receipt::read(&layout.receipts(), &rel) {

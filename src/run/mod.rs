@@ -91,14 +91,8 @@ impl SupervisorLock {
         use std::io::{Read, Seek, Write};
         let path = layout.cvx().join("supervisor.lock");
         let io = |action: &'static str, path: &std::path::Path| {
-            let path = path.to_path_buf();
-            move |source| {
-                Holder::Io(backup::BackupError::Io {
-                    action,
-                    path,
-                    source,
-                })
-            }
+            let error = crate::errors::io_err(action, path);
+            move |source| Holder::Io(error(source).into())
         };
         std::fs::create_dir_all(layout.cvx()).map_err(io("create", &layout.cvx()))?;
         let mut file = std::fs::OpenOptions::new()

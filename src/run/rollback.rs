@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::backup::{self, BackupError, Record};
+use crate::errors::io_err;
 use crate::tree::{self, Layout, lock};
 
 #[derive(Debug, thiserror::Error)]
@@ -133,11 +134,10 @@ pub fn prepare(
     if !record.path.is_dir() {
         return Err(RollbackError::Gone { path: record.path });
     }
-    if let Some(file) = record.damage().map_err(|source| BackupError::Io {
-        action: "check",
-        path: record.path.clone(),
-        source,
-    })? {
+    if let Some(file) = record
+        .damage()
+        .map_err(|e| BackupError::from(io_err("check", &record.path)(e)))?
+    {
         return Err(RollbackError::Damaged {
             backup: record.path,
             file,
@@ -175,17 +175,11 @@ pub async fn execute(
     // as that user, takes the same locks afterwards.
     let owner = layout.owner();
     let give = |path: &Path| {
-        crate::owner::give(owner, path).map_err(|source| BackupError::Io {
-            action: "set the owner of",
-            path: path.to_path_buf(),
-            source,
-        })
+        crate::owner::give(owner, path)
+            .map_err(|e| BackupError::from(io_err("set the owner of", path)(e)))
     };
-    crate::owner::create_dir_all(owner, &layout.cvx()).map_err(|source| BackupError::Io {
-        action: "create",
-        path: layout.cvx(),
-        source,
-    })?;
+    crate::owner::create_dir_all(owner, &layout.cvx())
+        .map_err(|e| BackupError::from(io_err("create", &layout.cvx())(e)))?;
     let _supervisor = super::SupervisorLock::take(layout).map_err(|holder| match holder {
         super::Holder::Pid(pid) => RollbackError::Supervised {
             pid,

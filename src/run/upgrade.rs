@@ -6,6 +6,7 @@
 //! the switch ends the step in progress promptly, removes its partial output and leaves `current`
 //! as it was, so the next start resumes the upgrade.
 
+use crate::errors::io_err;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
@@ -52,22 +53,8 @@ pub enum UpgradeError {
         "interrupted by a signal while {step}; current is unchanged and the next start resumes the upgrade"
     )]
     Interrupted { step: &'static str },
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-}
-
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> UpgradeError + use<> {
-    let path = path.to_path_buf();
-    move |source| UpgradeError::Io {
-        action,
-        path,
-        source,
-    }
+    #[error(transparent)]
+    Io(#[from] crate::errors::IoError),
 }
 
 /// Set when a signal arrives during the upgrade: blocking work polls the flag, async work awaits

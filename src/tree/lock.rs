@@ -2,8 +2,9 @@
 //! upgrade take it before they change the tree, so none of them interleaves with another. The
 //! lock file (`.cvx/lock`) names its holder for the message a waiting cvx prints.
 
+use crate::errors::io_err;
 use std::fs::{self, File, TryLockError};
-use std::io::{self, Read, Seek, Write};
+use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -11,31 +12,14 @@ use super::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("cannot {action} {}", path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::errors::IoError),
     #[error("the tree is locked by {} ({}); gave up after {}", holder.as_ref().map_or_else(|| "another cvx process".to_string(), Holder::to_string), path.display(), crate::duration::show(*waited))]
     Locked {
         path: PathBuf,
         holder: Option<Holder>,
         waited: Duration,
     },
-}
-
-fn io_err(
-    action: &'static str,
-    path: &std::path::Path,
-) -> impl FnOnce(io::Error) -> LockError + use<> {
-    let path = path.to_path_buf();
-    move |source| LockError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Held while applying, and while `cvx run` switches: nothing that changes the tree interleaves.
@@ -115,7 +99,7 @@ pub fn lock(layout: &Layout, timeout: Duration, role: Role) -> Result<TreeLock, 
                     Duration::from_millis(50).min(timeout.saturating_sub(start.elapsed())),
                 );
             }
-            Err(TryLockError::Error(e)) => return Err(io_err("lock", &path)(e)),
+            Err(TryLockError::Error(e)) => return Err(io_err("lock", &path)(e).into()),
         }
     }
     // Record who holds it, for the message a waiting cvx prints.
