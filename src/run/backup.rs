@@ -392,6 +392,27 @@ struct Dirs {
     to_path: PathBuf,
 }
 
+impl Dirs {
+    /// `from` and its copy `to`, both existing directories, opened for links relative to them.
+    fn open(from: &Path, to: &Path) -> io::Result<Dirs> {
+        let open = |dir: &Path| {
+            rustix::fs::open(
+                dir,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            )
+        };
+        Ok(Dirs {
+            from: open(from)?,
+            to: open(to)?,
+            from_path: from.to_path_buf(),
+            to_path: to.to_path_buf(),
+        })
+    }
+}
+
 /// A table file to hard-link: `name` from one database directory into its copy, with its size
 /// and modification time (read by the walking thread, so the linker only links).
 struct Link {
@@ -561,21 +582,7 @@ impl<'a> Copier<'a> {
             fs::DirBuilder::new().mode(0o700).create(to)?;
             let database = is_database(from);
             let dirs = if database {
-                let open = |dir: &Path| {
-                    rustix::fs::open(
-                        dir,
-                        rustix::fs::OFlags::RDONLY
-                            | rustix::fs::OFlags::DIRECTORY
-                            | rustix::fs::OFlags::CLOEXEC,
-                        rustix::fs::Mode::empty(),
-                    )
-                };
-                Some(Arc::new(Dirs {
-                    from: open(from)?,
-                    to: open(to)?,
-                    from_path: from.to_path_buf(),
-                    to_path: to.to_path_buf(),
-                }))
+                Some(Arc::new(Dirs::open(from, to)?))
             } else {
                 None
             };
@@ -969,20 +976,7 @@ mod tests {
         }
         // A name already taken in the copy: linkat refuses it (EEXIST).
         fs::write(to.join("000002.ldb"), "in the way").unwrap();
-        let open = |dir: &Path| {
-            rustix::fs::open(
-                dir,
-                rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY,
-                rustix::fs::Mode::empty(),
-            )
-            .unwrap()
-        };
-        let dirs = Arc::new(Dirs {
-            from: open(&from),
-            to: open(&to),
-            from_path: from.clone(),
-            to_path: to.clone(),
-        });
+        let dirs = Arc::new(Dirs::open(&from, &to).unwrap());
         let (links, received) = mpsc::channel();
         for name in ["000001.ldb", "000002.ldb"] {
             links
