@@ -187,7 +187,7 @@ pub fn backup(
     cancel: &AtomicBool,
 ) -> Result<Record, BackupError> {
     let started = Instant::now();
-    let data = home.join("data");
+    let data = data_dir(home);
     fs::create_dir_all(backup_dir).map_err(io_err("create", backup_dir))?;
     remove_partials(backup_dir, PARTIAL_PREFIX);
     let same_device = match (fs::metadata(&data), fs::metadata(backup_dir)) {
@@ -251,10 +251,13 @@ pub fn restore(
     record: &Record,
     owner: Option<crate::owner::Owner>,
 ) -> Result<PathBuf, BackupError> {
-    let data = home.join("data");
-    remove_partials(home, RESTORE_PREFIX);
-    let partial = home.join(format!("{RESTORE_PREFIX}{}", std::process::id()));
-    let same_device = match (fs::metadata(home), fs::metadata(&record.path)) {
+    // Beside data/'s own directory, which may sit on a volume of its own behind a symlink: the
+    // link stays, and what it points to is restored.
+    let data = data_dir(home);
+    let parent = data.parent().unwrap_or(home);
+    remove_partials(parent, RESTORE_PREFIX);
+    let partial = parent.join(format!("{RESTORE_PREFIX}{}", std::process::id()));
+    let same_device = match (fs::metadata(parent), fs::metadata(&record.path)) {
         (Ok(h), Ok(b)) => h.dev() == b.dev(),
         _ => false,
     };
@@ -265,14 +268,14 @@ pub fn restore(
         .walk(&record.path, &partial)
         .and_then(|()| crate::owner::give_tree(owner, &partial))
         .and_then(|()| copier.sync())
-        .and_then(|()| sync_dir(home))
+        .and_then(|()| sync_dir(parent))
         .map_err(|e| {
             let _ = fs::remove_dir_all(&partial);
             io_err("restore the backup into", &partial)(e)
         })?;
     let date = crate::time::format_go("2006-01-02T15-04-05", SystemTime::now());
     let dir = crate::tree::upgrade_dir(&record.upgrade, true);
-    let aside = home.join(format!(
+    let aside = parent.join(format!(
         "data-rolled-back-{date}-{}",
         dir.trim_start_matches("upgrades/")
     ));
@@ -280,7 +283,7 @@ pub fn restore(
         fs::rename(&data, &aside).map_err(io_err("move aside", &data))?;
     }
     fs::rename(&partial, &data).map_err(io_err("put the restored data in place at", &data))?;
-    sync_dir(home).map_err(io_err("sync", home))?;
+    sync_dir(parent).map_err(io_err("sync", parent))?;
     Ok(aside)
 }
 
@@ -328,10 +331,21 @@ fn is_database(dir: &Path) -> bool {
     dir.join("CURRENT").is_file()
 }
 
-/// The bytes a backup of `data` into `backup_dir` would copy now.
-pub fn copied_bytes(data: &Path, backup_dir: &Path) -> io::Result<u64> {
-    let same_device = fs::metadata(data)?.dev() == fs::metadata(backup_dir)?.dev();
-    bytes_to_copy(data, same_device)
+/// `home/data`, or the directory it links to: operators keep data/ on a volume of its own behind
+/// a symlink, and what is backed up is its contents, not the link.
+fn data_dir(home: &Path) -> PathBuf {
+    let data = home.join("data");
+    match fs::symlink_metadata(&data) {
+        Ok(meta) if meta.file_type().is_symlink() => fs::canonicalize(&data).unwrap_or(data),
+        _ => data,
+    }
+}
+
+/// The bytes a backup of `home`'s data/ into `backup_dir` would copy now.
+pub fn copied_bytes(home: &Path, backup_dir: &Path) -> io::Result<u64> {
+    let data = data_dir(home);
+    let same_device = fs::metadata(&data)?.dev() == fs::metadata(backup_dir)?.dev();
+    bytes_to_copy(&data, same_device)
 }
 
 /// The bytes a backup of `path` will copy: everything but the table files it can link.
@@ -997,6 +1011,47 @@ mod tests {
             vec![(from.join("000002.ldb"), to.join("000002.ldb"))]
         );
         assert_eq!(fs::metadata(to.join("000001.ldb")).unwrap().nlink(), 2);
+    }
+
+    #[test]
+    fn a_data_directory_behind_a_symlink_is_backed_up_and_restored_through_it() {
+        let (dir, home) = home();
+        // data/ on a volume of its own, linked from the home.
+        let volume = dir.path().join("volume/node-data");
+        fs::create_dir_all(volume.parent().unwrap()).unwrap();
+        fs::rename(home.join("data"), &volume).unwrap();
+        std::os::unix::fs::symlink(&volume, home.join("data")).unwrap();
+        let backups = dir.path().join("backups");
+        fs::create_dir_all(&backups).unwrap();
+        assert_eq!(
+            copied_bytes(&home, &backups).unwrap(),
+            16 + 1000 + 100_000 + 10
+        );
+
+        let record = back_up(&home, &backups);
+
+        assert!(fs::symlink_metadata(&record.path).unwrap().is_dir());
+        assert_eq!((record.files_linked, record.files_copied), (2, 4));
+        assert_eq!(
+            fs::read(record.path.join("application.db/MANIFEST-000004")).unwrap(),
+            vec![4u8; 1000]
+        );
+        fs::write(volume.join("migrated"), "v2").unwrap();
+
+        let aside = restore(&home, &record, None).unwrap();
+
+        assert_eq!(aside.parent(), volume.parent(), "kept aside on the volume");
+        assert_eq!(fs::read(aside.join("migrated")).unwrap(), b"v2");
+        assert_eq!(
+            fs::read_link(home.join("data")).unwrap(),
+            volume,
+            "the link stays"
+        );
+        assert!(!volume.join("migrated").exists());
+        assert_eq!(
+            fs::read(volume.join("application.db/000005.ldb")).unwrap(),
+            vec![5u8; 300_000]
+        );
     }
 
     #[test]

@@ -108,9 +108,8 @@ fn backup_checks(config: &Config, found: &mut Vec<Warning>) {
         ));
         return;
     }
-    let data = config.home.join("data");
     let (Ok(need), Ok(stat)) = (
-        super::backup::copied_bytes(&data, dir),
+        super::backup::copied_bytes(&config.home, dir),
         rustix::fs::statvfs(dir),
     ) else {
         return;
