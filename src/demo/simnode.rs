@@ -46,6 +46,8 @@ sim options (must come before the daemon's arguments):
   --sim-halt exit|stay                what `--halt-height H` (a daemon argument) does once H is
                                       committed: exit 0 (SDK <= 0.47), or stay up refusing the
                                       next block with the RPC alive (SDK 0.50; the default)
+  --sim-compact DIR                   as an LSM database in data/DIR compacts: a new table file at
+                                      each block, the oldest one deleted at every other block
 
 home: --home DIR in the daemon arguments, else $DAEMON_HOME";
 
@@ -73,6 +75,7 @@ struct Sim {
     chain_id: String,
     exit_at: Option<(u64, u8)>,
     halt: Halt,
+    compact: Option<String>,
 }
 
 /// How the node honours `--halt-height`.
@@ -97,6 +100,7 @@ impl Default for Sim {
             chain_id: "simnet".into(),
             exit_at: None,
             halt: Halt::Stay,
+            compact: None,
         }
     }
 }
@@ -227,6 +231,7 @@ fn parse_sim_args(args: &[String]) -> Result<(Sim, Vec<String>), String> {
                 let code = parse_num(flag, &value("HEIGHT CODE")?)?;
                 sim.exit_at = Some((height, code));
             }
+            "--sim-compact" => sim.compact = Some(value("a directory under data/")?),
             "--sim-halt" => {
                 sim.halt = match value("exit or stay")?.as_str() {
                     "exit" => Halt::Exit,
@@ -550,6 +555,11 @@ impl Node {
                 .block_time
                 .store(crate::time::unix_nanos(SystemTime::now()), Ordering::SeqCst);
             self.shared.height.store(self.height, Ordering::SeqCst);
+            if let Some(db) = &self.sim.compact
+                && let Err(e) = compact(&self.data.join(db), self.height)
+            {
+                return fail(&format!("cannot compact data/{db}: {e}"));
+            }
         }
     }
 
@@ -784,6 +794,24 @@ fn serve(
 
 // ---------------------------------------------------------------------------------------------
 // files
+
+/// One step of an LSM database's compaction at `height`: a new table file, and at even heights
+/// the oldest one deleted.
+fn compact(db: &Path, height: u64) -> std::io::Result<()> {
+    let mut tables: Vec<String> = fs::read_dir(db)?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| name.ends_with(".ldb"))
+        .collect();
+    tables.sort();
+    fs::write(
+        db.join(format!("{:06}.ldb", 100_000 + height)),
+        height.to_string().repeat(1000),
+    )?;
+    match tables.first() {
+        Some(oldest) if height.is_multiple_of(2) => fs::remove_file(db.join(oldest)),
+        _ => Ok(()),
+    }
+}
 
 fn write_atomic(path: &Path, contents: &str) -> std::io::Result<()> {
     let mut tmp = path.as_os_str().to_owned();

@@ -62,6 +62,9 @@ pub struct Record {
     /// Table files shared with `data/` (hard links) or cloned (reflinks), and their bytes.
     pub bytes_linked: u64,
     pub files_linked: u64,
+    /// Of the linked tables, those linked ahead while the node still ran.
+    #[serde(default)]
+    pub files_linked_ahead: u64,
     pub millis: u64,
     /// When the backup completed, on the file system's clock, in nanoseconds since the Unix
     /// epoch: every file in it is older.
@@ -176,7 +179,9 @@ pub fn list(layout: &Layout) -> Vec<Record> {
 
 /// Back up `home/data` into `backup_dir` for `plan` (taken while `current` is `from_stage`),
 /// refusing early when the room for the copied bytes is short, and record it. `cancel` is checked
-/// between chunks; when it is set the partial copy is removed.
+/// between chunks; when it is set the partial copy is removed. `ahead`: the tables linked while
+/// the node ran, used when it was for this plan (then only what changed since is linked).
+#[allow(clippy::too_many_arguments)]
 pub fn backup(
     home: &Path,
     backup_dir: &Path,
@@ -185,11 +190,18 @@ pub fn backup(
     from_stage: &str,
     recase: bool,
     cancel: &AtomicBool,
+    ahead: Option<Ahead>,
 ) -> Result<Record, BackupError> {
     let started = Instant::now();
     let data = data_dir(home);
     fs::create_dir_all(backup_dir).map_err(io_err("create", backup_dir))?;
-    remove_partials(backup_dir, PARTIAL_PREFIX);
+    let partial = partial_path(backup_dir, plan, recase);
+    let made_ahead = ahead.and_then(|ahead| ahead.adopt(&partial));
+    remove_partials(
+        backup_dir,
+        PARTIAL_PREFIX,
+        made_ahead.map(|_| partial.as_path()),
+    );
     let same_device = match (fs::metadata(&data), fs::metadata(backup_dir)) {
         (Ok(d), Ok(b)) => d.dev() == b.dev(),
         _ => false,
@@ -215,8 +227,17 @@ pub fn backup(
         // Another plan of the same name the same day (a re-proposed upgrade): keep both.
         to = backup_dir.join(format!("data-backup-{date}-{dir}-{}", plan.height));
     }
-    let partial = backup_dir.join(format!("{PARTIAL_PREFIX}{dir}-{}", std::process::id()));
     let mut copier = Copier::new(cancel, same_device);
+    if let Some(made) = made_ahead {
+        copier.ahead = Some(Reconcile {
+            made: made.entries,
+            matched: 0,
+        });
+        if made.tables > 0 {
+            // Linking ahead found that tables are hard-linked here, not cloned.
+            copier.sharing = Sharing::HardLink;
+        }
+    }
     if let Err(e) = copier.replicate(&data, &partial, &to, backup_dir) {
         return Err(if cancel.load(Ordering::Relaxed) {
             BackupError::Interrupted { to }
@@ -235,11 +256,190 @@ pub fn backup(
         files_copied: copier.files_copied,
         bytes_linked: copier.bytes_linked,
         files_linked: copier.files_linked,
+        files_linked_ahead: copier.files_linked_ahead,
         millis: started.elapsed().as_millis() as u64,
         finished_at_ns,
     };
     write_record(&record_path(layout, plan, recase), &record)?;
     Ok(record)
+}
+
+/// The next backup, begun ahead of an upgrade whose height is known while the node still runs:
+/// its table files hard-linked into the backup's temporary directory on a thread of their own.
+/// At the halt the backup adopts it and only brings it up to date (a table is never rewritten
+/// under its name, so a link whose name still holds the same file is right), and the downtime no
+/// longer grows with the number of tables. Dropped unadopted, it removes what it made.
+pub struct Ahead {
+    partial: PathBuf,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Made>>,
+}
+
+/// What linking ahead made: directories and links, and of these the links.
+#[derive(Debug, Default, Clone, Copy)]
+struct Made {
+    entries: u64,
+    tables: u64,
+}
+
+impl Ahead {
+    /// Begin the backup of `home`'s data/ for `plan` into `backup_dir`. None where tables would
+    /// not be hard-linked (`backup_dir` on another file system) or no thread can be had.
+    pub fn start(home: &Path, backup_dir: &Path, plan: &PlanInfo, recase: bool) -> Option<Ahead> {
+        let data = data_dir(home);
+        // As the backup itself would; a failure here is the backup's to report at the halt.
+        let _ = fs::create_dir_all(backup_dir);
+        let same_device = match (fs::metadata(&data), fs::metadata(backup_dir)) {
+            (Ok(d), Ok(b)) => d.is_dir() && d.dev() == b.dev(),
+            _ => false,
+        };
+        if !same_device {
+            return None;
+        }
+        remove_partials(backup_dir, PARTIAL_PREFIX, None);
+        let partial = partial_path(backup_dir, plan, recase);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (to, flag, upgrade, height) = (
+            partial.clone(),
+            Arc::clone(&stop),
+            plan.name.clone(),
+            plan.height,
+        );
+        let thread = std::thread::Builder::new()
+            .name("cvx-backup-ahead".into())
+            .spawn(move || {
+                let started = Instant::now();
+                let mut made = Made::default();
+                match link_ahead(&data, &to, &flag, &mut made) {
+                    Ok(()) => tracing::info!(
+                        upgrade,
+                        height,
+                        "linked {} table files into the backup ahead, in {}",
+                        made.tables,
+                        crate::duration::show(started.elapsed())
+                    ),
+                    Err(e) => tracing::info!(
+                        upgrade,
+                        height,
+                        "linking table files ahead stopped after {} ({e}); the backup links the rest at the halt",
+                        made.tables
+                    ),
+                }
+                made
+            })
+            .ok()?;
+        Some(Ahead {
+            partial,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stop linking; what was made.
+    fn halt(&mut self) -> Made {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default()
+    }
+
+    /// Taken over by the backup whose temporary directory is `partial`: what was made, or None
+    /// (and what was made removed) when it was begun for another plan.
+    fn adopt(mut self, partial: &Path) -> Option<Made> {
+        let made = self.halt();
+        if self.partial != partial || !partial.is_dir() {
+            return None;
+        }
+        self.partial = PathBuf::new();
+        Some(made)
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        self.halt();
+        if !self.partial.as_os_str().is_empty() {
+            let _ = fs::remove_dir_all(&self.partial);
+        }
+    }
+}
+
+/// Mirror the directories of `from` into `to` and hard-link the table files of its databases,
+/// while the node runs: a table compacted away meanwhile is skipped (the backup sees to it).
+fn link_ahead(from: &Path, to: &Path, stop: &AtomicBool, made: &mut Made) -> io::Result<()> {
+    fs::DirBuilder::new().mode(0o700).create(to)?;
+    made.entries += 1;
+    let dirs = if is_database(from) {
+        Some(Dirs::open(from, to)?)
+    } else {
+        None
+    };
+    for entry in fs::read_dir(from)? {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "the halt came"));
+        }
+        let entry = entry?;
+        let (name, kind) = (entry.file_name(), entry.file_type()?);
+        if kind.is_dir() {
+            link_ahead(&entry.path(), &to.join(&name), stop, made)?;
+            continue;
+        }
+        let Some(dirs) = dirs
+            .as_ref()
+            .filter(|_| kind.is_file() && is_table(&name, true))
+        else {
+            continue;
+        };
+        if made.tables == 0 && clones(dirs, &name) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "this file system clones files: the backup clones the tables at the halt",
+            ));
+        }
+        match rustix::fs::linkat(
+            &dirs.from,
+            &name,
+            &dirs.to,
+            &name,
+            rustix::fs::AtFlags::empty(),
+        ) {
+            Ok(()) => {
+                made.entries += 1;
+                made.tables += 1;
+            }
+            // Compacted away since the listing.
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Whether the file system clones the table `name` (XFS, btrfs). There the backup clones every
+/// table at the halt, each an independent file, and nothing is linked ahead.
+fn clones(dirs: &Dirs, name: &std::ffi::OsStr) -> bool {
+    use rustix::fs::{Mode, OFlags};
+    const PROBE: &str = ".cvx-clone-probe";
+    let Ok(source) = rustix::fs::openat(
+        &dirs.from,
+        name,
+        OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    let Ok(out) = rustix::fs::openat(
+        &dirs.to,
+        PROBE,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+        Mode::RUSR | Mode::WUSR,
+    ) else {
+        return false;
+    };
+    let cloned = rustix::fs::ioctl_ficlone(&out, &source).is_ok();
+    let _ = rustix::fs::unlinkat(&dirs.to, PROBE, rustix::fs::AtFlags::empty());
+    cloned
 }
 
 /// Restore `record`'s backup as `home/data`, by the same rules (tables linked, the rest copied,
@@ -255,7 +455,7 @@ pub fn restore(
     // link stays, and what it points to is restored.
     let data = data_dir(home);
     let parent = data.parent().unwrap_or(home);
-    remove_partials(parent, RESTORE_PREFIX);
+    remove_partials(parent, RESTORE_PREFIX, None);
     let partial = parent.join(format!("{RESTORE_PREFIX}{}", std::process::id()));
     let same_device = match (fs::metadata(parent), fs::metadata(&record.path)) {
         (Ok(h), Ok(b)) => h.dev() == b.dev(),
@@ -291,13 +491,36 @@ pub fn restore(
 const PARTIAL_PREFIX: &str = ".data-backup-partial-";
 const RESTORE_PREFIX: &str = ".data-restore-partial-";
 
-/// Remove the leftovers of backups or restores a crash (kill -9, power loss) cut short.
-fn remove_partials(dir: &Path, prefix: &str) {
+/// The temporary name of the backup for `plan` by this process.
+fn partial_path(backup_dir: &Path, plan: &PlanInfo, recase: bool) -> PathBuf {
+    let dir = crate::tree::upgrade_dir(&plan.name, recase);
+    let dir = dir.trim_start_matches("upgrades/");
+    backup_dir.join(format!(
+        "{PARTIAL_PREFIX}{dir}-{}-{}",
+        plan.height,
+        std::process::id()
+    ))
+}
+
+/// Remove the leftovers of backups or restores a crash (kill -9, power loss) cut short, but not
+/// `keep`, nor those of another live process (a backup directory two nodes share).
+fn remove_partials(dir: &Path, prefix: &str, keep: Option<&Path>) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
+    let own = std::process::id();
     for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(prefix) {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+        let live_other = pid.is_some_and(|pid| {
+            pid != own
+                && rustix::process::Pid::from_raw(pid as i32)
+                    // EPERM: alive, another user's.
+                    .is_some_and(|pid| {
+                        rustix::process::test_kill_process(pid) != Err(rustix::io::Errno::SRCH)
+                    })
+        });
+        if name.starts_with(prefix) && !live_other && keep != Some(entry.path().as_path()) {
             tracing::info!(
                 "removing {}, left by an interrupted run",
                 entry.path().display()
@@ -370,6 +593,32 @@ fn bytes_to_copy(path: &Path, same_device: bool) -> io::Result<u64> {
     Ok(total)
 }
 
+/// Remove a file, a link or a whole directory.
+fn remove_any(path: &Path) -> io::Result<()> {
+    if fs::symlink_metadata(path)?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
+/// Remove from the copy `to` whatever `from` no longer has.
+fn remove_stale(from: &Path, to: &Path) -> io::Result<()> {
+    for entry in fs::read_dir(to)? {
+        let entry = entry?;
+        let source = from.join(entry.file_name());
+        match fs::symlink_metadata(&source) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => remove_any(&entry.path())?,
+            Ok(meta) if meta.is_dir() && entry.file_type()?.is_dir() => {
+                remove_stale(&source, &entry.path())?
+            }
+            Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -389,6 +638,7 @@ struct Copier<'a> {
     files_copied: u64,
     bytes_linked: u64,
     files_linked: u64,
+    files_linked_ahead: u64,
     /// The newest mtime of anything written or linked into the copy.
     newest_ns: i128,
     /// Written, not yet synced: files, then the directories that name them.
@@ -396,6 +646,16 @@ struct Copier<'a> {
     dirs: Vec<PathBuf>,
     /// Where hard links of table files go while `walk` runs: to a thread of their own.
     linker: Option<mpsc::SyncSender<Link>>,
+    /// Set when the copy was begun ahead, while the node ran: it is brought up to date.
+    ahead: Option<Reconcile>,
+}
+
+/// Bringing a copy begun ahead up to date: the entries made ahead (directories and table links),
+/// and how many of them the walk found still right. When all are, nothing is left to remove.
+#[derive(Debug, Clone, Copy)]
+struct Reconcile {
+    made: u64,
+    matched: u64,
 }
 
 /// A database directory and its copy, open, for links relative to them.
@@ -512,10 +772,12 @@ impl<'a> Copier<'a> {
             files_copied: 0,
             bytes_linked: 0,
             files_linked: 0,
+            files_linked_ahead: 0,
             newest_ns: 0,
             unsynced: Vec::new(),
             dirs: Vec::new(),
             linker: None,
+            ahead: None,
         }
     }
 
@@ -539,10 +801,16 @@ impl<'a> Copier<'a> {
         let result = (|| {
             match fs::symlink_metadata(from) {
                 Ok(_) => self.walk(from, partial)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && self.ahead.is_none() => {
                     fs::DirBuilder::new().mode(0o700).create(partial)?;
                 }
                 Err(e) => return Err(e),
+            }
+            if let Some(ahead) = self.ahead
+                && ahead.matched != ahead.made
+            {
+                // Tables the node deleted since they were linked ahead (compacted away).
+                remove_stale(from, partial)?;
             }
             // The copy durable first, then its final name: a crash leaves a partial name or a
             // complete backup, never a complete-looking name on missing bytes.
@@ -593,7 +861,7 @@ impl<'a> Copier<'a> {
         let meta = fs::symlink_metadata(from)?;
         let file_type = meta.file_type();
         if file_type.is_dir() {
-            fs::DirBuilder::new().mode(0o700).create(to)?;
+            self.make_dir(to)?;
             let database = is_database(from);
             let dirs = if database {
                 Some(Arc::new(Dirs::open(from, to)?))
@@ -609,6 +877,13 @@ impl<'a> Copier<'a> {
                 let name = entry.file_name();
                 if !(is_table(&name, database) && entry.file_type()?.is_file()) {
                     rest.push(entry);
+                    continue;
+                }
+                if let Some(dirs) = &dirs
+                    && self.ahead.is_some()
+                    && self.sharing == Sharing::HardLink
+                    && self.linked_ahead(dirs, &entry, now)?
+                {
                     continue;
                 }
                 match (&dirs, &self.linker) {
@@ -643,8 +918,10 @@ impl<'a> Copier<'a> {
             self.dirs.push(to.to_path_buf());
             Ok(())
         } else if file_type.is_symlink() {
+            self.clear(to)?;
             std::os::unix::fs::symlink(fs::read_link(from)?, to)
         } else if file_type.is_file() {
+            self.clear(to)?;
             let name = from.file_name().unwrap_or_default();
             if is_table(name, in_database) && self.share(from, to, &meta)? {
                 self.bytes_linked += meta.len();
@@ -656,6 +933,65 @@ impl<'a> Copier<'a> {
             // Sockets and fifos carry no data to restore; the node recreates them.
             tracing::debug!("not backing up {}: not a regular file", from.display());
             Ok(())
+        }
+    }
+
+    /// Create the directory `to`; in a copy begun ahead, it may be there already.
+    fn make_dir(&mut self, to: &Path) -> io::Result<()> {
+        match fs::DirBuilder::new().mode(0o700).create(to) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && self.ahead.is_some() => {
+                if fs::symlink_metadata(to)?.is_dir() {
+                    self.matched_ahead();
+                    Ok(())
+                } else {
+                    remove_any(to)?;
+                    fs::DirBuilder::new().mode(0o700).create(to)
+                }
+            }
+            made => made,
+        }
+    }
+
+    fn matched_ahead(&mut self) {
+        if let Some(ahead) = &mut self.ahead {
+            ahead.matched += 1;
+        }
+    }
+
+    /// In a copy begun ahead: true when the table `entry` was linked ahead and is still the same
+    /// file (the same inode: a table is never rewritten under its name), counted as linked. A link
+    /// to a file the name no longer holds is removed, to be made again.
+    fn linked_ahead(&mut self, dirs: &Dirs, entry: &fs::DirEntry, now: i128) -> io::Result<bool> {
+        use std::os::unix::fs::DirEntryExt;
+        let name = entry.file_name();
+        let stat = match rustix::fs::statat(&dirs.to, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        {
+            Ok(stat) => stat,
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let mtime = i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec);
+        let file =
+            rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile;
+        // Dated ahead of the clock: copied instead, as when nothing was linked ahead.
+        if file && stat.st_ino == entry.ino() && mtime <= now {
+            self.matched_ahead();
+            self.bytes_linked += stat.st_size as u64;
+            self.files_linked += 1;
+            self.files_linked_ahead += 1;
+            self.newest_ns = self.newest_ns.max(mtime);
+            return Ok(true);
+        }
+        remove_any(&dirs.to_path.join(&name))?;
+        Ok(false)
+    }
+
+    /// In a copy begun ahead, remove what is at `to` before writing there: only a table linked
+    /// ahead can be, under a name that is no longer a table's (its database lost `CURRENT`).
+    fn clear(&self, to: &Path) -> io::Result<()> {
+        match fs::symlink_metadata(to) {
+            Ok(_) if self.ahead.is_some() => remove_any(to),
+            _ => Ok(()),
         }
     }
 
@@ -827,7 +1163,17 @@ mod tests {
     fn back_up(home: &Path, backups: &Path) -> Record {
         let go = AtomicBool::new(false);
         let layout = Layout::new(home);
-        backup(home, backups, &layout, &plan("v2", 7), "genesis", true, &go).unwrap()
+        backup(
+            home,
+            backups,
+            &layout,
+            &plan("v2", 7),
+            "genesis",
+            true,
+            &go,
+            None,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -845,6 +1191,7 @@ mod tests {
             "genesis",
             true,
             &stop,
+            None,
         )
         .unwrap_err();
         assert!(matches!(err, BackupError::Interrupted { .. }), "{err}");
@@ -860,6 +1207,7 @@ mod tests {
             "genesis",
             true,
             &go,
+            None,
         )
         .unwrap();
         assert_eq!((record.files_linked, record.bytes_linked), (2, 500_000));
@@ -1052,6 +1400,186 @@ mod tests {
             fs::read(volume.join("application.db/000005.ldb")).unwrap(),
             vec![5u8; 300_000]
         );
+    }
+
+    /// `a` and `b` hold the same names, bytes and symlink targets.
+    fn assert_same_tree(a: &Path, b: &Path) {
+        let names = |dir: &Path| {
+            let mut names: Vec<_> = fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names(a), names(b), "{} and {}", a.display(), b.display());
+        for name in names(a) {
+            let (x, y) = (a.join(&name), b.join(&name));
+            let kind = fs::symlink_metadata(&x).unwrap().file_type();
+            assert_eq!(kind, fs::symlink_metadata(&y).unwrap().file_type());
+            if kind.is_dir() {
+                assert_same_tree(&x, &y);
+            } else if kind.is_symlink() {
+                assert_eq!(fs::read_link(&x).unwrap(), fs::read_link(&y).unwrap());
+            } else {
+                assert!(
+                    fs::read(&x).unwrap() == fs::read(&y).unwrap(),
+                    "{}",
+                    x.display()
+                );
+            }
+        }
+    }
+
+    /// `ahead` done linking (it is not stopped: the test wants all of it).
+    fn linked(ahead: &Ahead) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ahead.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            assert!(Instant::now() < deadline, "linking ahead never finished");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_backup_begun_ahead_is_brought_up_to_date_at_the_halt() {
+        let (dir, home) = home();
+        let data = home.join("data");
+        let db = data.join("application.db");
+        fs::write(db.join("000008.ldb"), vec![8u8; 100]).unwrap();
+        fs::write(db.join("000009.ldb"), vec![9u8; 1000]).unwrap();
+        let old = data.join("old.db");
+        fs::create_dir_all(&old).unwrap();
+        fs::write(old.join("CURRENT"), "MANIFEST-000001\n").unwrap();
+        fs::write(old.join("000001.ldb"), "old").unwrap();
+        let backups = dir.path().join("backups");
+        fs::create_dir_all(&backups).unwrap();
+
+        let ahead = Ahead::start(&home, &backups, &plan("v2", 7), true).unwrap();
+        linked(&ahead);
+        let partial = partial_path(&backups, &plan("v2", 7), true);
+        assert_eq!(
+            fs::metadata(partial.join("application.db/000009.ldb"))
+                .unwrap()
+                .ino(),
+            fs::metadata(db.join("000009.ldb")).unwrap().ino(),
+            "tables linked while the node runs"
+        );
+        assert!(
+            !partial.join("application.db/CURRENT").exists(),
+            "nothing but tables ahead"
+        );
+
+        // The node runs on until the halt: it compacts, flushes, drops a database, adds one.
+        fs::remove_file(db.join("000005.ldb")).unwrap();
+        fs::write(db.join("000010.ldb"), vec![10u8; 2000]).unwrap();
+        fs::remove_file(db.join("000006.sst")).unwrap();
+        fs::write(db.join("000006.sst"), vec![66u8; 500]).unwrap();
+        fs::write(db.join("CURRENT"), "MANIFEST-000011\n").unwrap();
+        fs::remove_dir_all(&old).unwrap();
+        let snapshots = data.join("snapshots/metadata.db");
+        fs::create_dir_all(&snapshots).unwrap();
+        fs::write(snapshots.join("CURRENT"), "MANIFEST-000002\n").unwrap();
+        fs::write(snapshots.join("000003.sst"), "snap").unwrap();
+        // A linked table whose time is now ahead of the clock (set back): copied instead.
+        File::options()
+            .write(true)
+            .open(db.join("000009.ldb"))
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(86_400))
+            .unwrap();
+
+        let go = AtomicBool::new(false);
+        let layout = Layout::new(&home);
+        let record = backup(
+            &home,
+            &backups,
+            &layout,
+            &plan("v2", 7),
+            "genesis",
+            true,
+            &go,
+            Some(ahead),
+        )
+        .unwrap();
+
+        assert_same_tree(&data, &record.path);
+        let backed = record.path.join("application.db");
+        assert_eq!(
+            fs::metadata(backed.join("000006.sst")).unwrap().ino(),
+            fs::metadata(db.join("000006.sst")).unwrap().ino(),
+            "a name that holds another file now is linked to it"
+        );
+        assert_eq!(fs::metadata(backed.join("000009.ldb")).unwrap().nlink(), 1);
+        assert_eq!(
+            (record.files_linked, record.bytes_linked),
+            (4, 100 + 500 + 2000 + 4),
+            "000008.ldb, 000006.sst, 000010.ldb and snapshots' 000003.sst"
+        );
+        assert_eq!(
+            record.files_linked_ahead, 1,
+            "000008.ldb, unchanged since it was linked ahead, is not linked again"
+        );
+        assert_eq!(
+            record.files_copied, 6,
+            "CURRENT twice, MANIFEST, the WAL, loose.sst and the table dated ahead"
+        );
+        assert_eq!(record.damage().unwrap(), None);
+        let left: Vec<_> = fs::read_dir(&backups)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(
+            left,
+            vec![record.path.clone()],
+            "no temporary directory left"
+        );
+    }
+
+    #[test]
+    fn a_backup_begun_ahead_for_another_plan_is_removed_and_partials_of_live_processes_are_kept() {
+        let (dir, home) = home();
+        let backups = dir.path().join("backups");
+        fs::create_dir_all(&backups).unwrap();
+        // pid 1 lives; a reaped child does not.
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        gone.wait().unwrap();
+        let live = backups.join(format!("{PARTIAL_PREFIX}v2-7-1"));
+        let dead = backups.join(format!("{PARTIAL_PREFIX}v2-7-{}", gone.id()));
+        fs::create_dir_all(&live).unwrap();
+        fs::create_dir_all(&dead).unwrap();
+
+        let ahead = Ahead::start(&home, &backups, &plan("v3", 9), true).unwrap();
+        linked(&ahead);
+        assert!(!dead.exists(), "a crashed run's leftovers are removed");
+        let other = partial_path(&backups, &plan("v3", 9), true);
+        assert!(other.join("application.db/000005.ldb").exists());
+
+        let go = AtomicBool::new(false);
+        let record = backup(
+            &home,
+            &backups,
+            &Layout::new(&home),
+            &plan("v2", 7),
+            "genesis",
+            true,
+            &go,
+            Some(ahead),
+        )
+        .unwrap();
+
+        assert!(!other.exists(), "begun for v3: removed");
+        assert!(
+            live.exists(),
+            "another live process's backup in progress is left alone"
+        );
+        assert_eq!((record.files_linked, record.files_copied), (2, 4));
+        assert_same_tree(&home.join("data"), &record.path);
+
+        let unused = Ahead::start(&home, &backups, &plan("v3", 9), true).unwrap();
+        linked(&unused);
+        assert!(other.exists());
+        drop(unused);
+        assert!(!other.exists(), "dropped unused, it removes its links");
     }
 
     #[test]

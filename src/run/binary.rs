@@ -101,8 +101,8 @@ impl Pins {
         &self.manifest.chain.id
     }
 
-    /// The name of the manifest's upgrade right after `stage`, if any.
-    pub fn next_after(&self, stage: &str) -> Option<String> {
+    /// The manifest's upgrade right after `stage`, if any.
+    fn next(&self, stage: &str) -> Option<&crate::manifest::Upgrade> {
         let upgrades = &self.manifest.upgrades;
         let from = if stage == tree::GENESIS {
             0
@@ -112,7 +112,22 @@ impl Pins {
                 .position(|u| tree::upgrade_dir(&u.name, self.recase) == stage)?
                 + 1
         };
-        upgrades.get(from).map(|u| u.name.clone())
+        upgrades.get(from)
+    }
+
+    /// The name of the manifest's upgrade right after `stage`, if any.
+    pub fn next_after(&self, stage: &str) -> Option<String> {
+        self.next(stage).map(|u| u.name.clone())
+    }
+
+    /// The manifest's upgrade right after `stage` as the plan it will be, when its height is set.
+    pub fn next_plan_after(&self, stage: &str) -> Option<PlanInfo> {
+        let upgrade = self.next(stage)?;
+        Some(PlanInfo {
+            name: upgrade.name.clone(),
+            height: upgrade.height?,
+            info: String::new(),
+        })
     }
 
     /// The first upgrade with `trigger = "halt-height"` after `stage` in the manifest (all of

@@ -277,6 +277,69 @@ struct Detector {
     chain_id: Option<String>,
     /// The last foreign chain id reported, so it is said once.
     foreign: Option<String>,
+    /// The last height the node's RPC reported, and when.
+    polled: Option<(std::time::Instant, u64)>,
+}
+
+/// Blocks before a known upgrade height at which its backup begins (DESIGN §5.2): time enough to
+/// link a large node's tables (seconds) at the fastest chains' block times.
+const AHEAD_BLOCKS: u64 = 10;
+
+/// The backup of the manifest's next upgrade, begun ahead while the node runs, once its RPC says
+/// the upgrade's height is near.
+struct Prepared {
+    /// The plan to prepare for: the next upgrade, when the manifest gives its height, backups are
+    /// on, none was taken for it yet and the node's RPC can tell how near it is.
+    plan: Option<PlanInfo>,
+    ahead: Option<backup::Ahead>,
+    begun: bool,
+}
+
+impl Prepared {
+    fn for_next(config: &Config, layout: &Layout, has_rpc: bool) -> Prepared {
+        let plan = Pins::load(config.manifest.as_deref(), config.recase)
+            .ok()
+            .flatten()
+            .and_then(|pins| pins.next_plan_after(&tree::current_stage(layout)))
+            .filter(|plan| {
+                has_rpc
+                    && !config.skip_backup
+                    && backup::taken(layout, plan, config.recase).is_none()
+            });
+        Prepared {
+            plan,
+            ahead: None,
+            begun: false,
+        }
+    }
+
+    /// Begin the backup once the node is AHEAD_BLOCKS from the plan's height; release it when the
+    /// node goes well past the height without halting (a cancelled plan, a wrong height).
+    async fn check(&mut self, config: &Config, detector: &mut Detector) {
+        let Some(plan) = &self.plan else {
+            return;
+        };
+        let height = match detector.recent_height() {
+            Some(height) => height,
+            None => match detector.node_height().await {
+                Some(height) => height,
+                None => return,
+            },
+        };
+        if height > plan.height + AHEAD_BLOCKS {
+            if let Some(ahead) = self.ahead.take() {
+                info!(upgrade = %plan.name, height = plan.height, "the node is at height {height}, past the upgrade's without halting: removing the backup begun ahead");
+                // Unlinking a large node's tables takes seconds: not on the supervisor's thread.
+                tokio::task::spawn_blocking(move || drop(ahead));
+            }
+            self.plan = None;
+        } else if !self.begun && height + AHEAD_BLOCKS >= plan.height {
+            self.begun = true;
+            info!(upgrade = %plan.name, height = plan.height, "the node is at height {height}: beginning the backup ahead, linking the table files while it runs");
+            self.ahead =
+                backup::Ahead::start(&config.home, &config.backup_dir, plan, config.recase);
+        }
+    }
 }
 
 /// Watching for the node to halt at a scheduled upgrade's height (DESIGN §5.1).
@@ -331,6 +394,13 @@ impl Detector {
         Some(plan)
     }
 
+    /// The height the node's RPC reported just now (within a check), if it was asked.
+    fn recent_height(&self) -> Option<u64> {
+        self.polled
+            .filter(|(at, _)| at.elapsed() < std::time::Duration::from_millis(50))
+            .map(|(_, height)| height)
+    }
+
     /// The node's height from its RPC, when it answers and is the manifest's chain.
     async fn node_height(&mut self) -> Option<u64> {
         let rpc = self.rpc.as_deref()?;
@@ -348,6 +418,7 @@ impl Detector {
             }
             _ => {
                 self.foreign = None;
+                self.polled = Some((std::time::Instant::now(), status.height));
                 Some(status.height)
             }
         }
@@ -465,6 +536,7 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
         scheduled: None,
         chain_id,
         foreign: None,
+        polled: None,
     };
     let operator_halt = halt_height(args);
 
@@ -475,7 +547,7 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
         info!(upgrade = %plan.name, height = plan.height, "upgrade pending at start: switching before launch");
         metrics::handle().upgrade_started(&plan.name, plan.height);
         let done = Detected::now(config, &plan, Kind::Governance)
-            .perform(config, layout, &mut signals)
+            .perform(config, layout, &mut signals, None)
             .await?;
         if let Some(code) = done.exit {
             done.finish(config, layout, false).await;
@@ -512,6 +584,7 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
         if let Some(done) = upgraded.take() {
             done.finish(config, layout, true).await;
         }
+        let mut prepared = Prepared::for_next(config, layout, detector.rpc.is_some());
         let mut recheck = tokio::time::interval_at(
             tokio::time::Instant::now() + config.preflight_interval,
             config.preflight_interval,
@@ -555,6 +628,7 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
                     if let Some(plan) = detector.halted().await {
                         break Outcome::Upgrade(plan, Kind::HaltHeight);
                     }
+                    prepared.check(config, &mut detector).await;
                 }
             }
         };
@@ -573,7 +647,9 @@ async fn supervise(config: &Config, layout: &Layout, args: &[OsString]) -> Resul
                 metrics::handle().upgrade_started(&plan.name, plan.height);
                 let status = daemon.stop(config.shutdown_grace).await;
                 info!(upgrade = %plan.name, height = plan.height, "the daemon stopped ({status})");
-                let done = detected.perform(config, layout, &mut signals).await?;
+                let done = detected
+                    .perform(config, layout, &mut signals, prepared.ahead.take())
+                    .await?;
                 if let Some(code) = done.exit {
                     done.finish(config, layout, false).await;
                     return Ok(code);
@@ -677,13 +753,14 @@ impl Detected {
         config: &Config,
         layout: &Layout,
         signals: &mut Signals,
+        ahead: Option<backup::Ahead>,
     ) -> Result<Upgraded, RunError> {
         let plan = self.plan.clone();
         let (canceller, cancel) = upgrade::Canceller::new();
         let mut backup = None;
         let mut interrupted = None;
         let result = {
-            let work = upgrade::perform(config, layout, &plan, &cancel, &mut backup);
+            let work = upgrade::perform(config, layout, &plan, &cancel, &mut backup, ahead);
             tokio::pin!(work);
             loop {
                 tokio::select! {

@@ -151,13 +151,15 @@ pub async fn lock(layout: &Layout) -> Result<lock::TreeLock, UpgradeError> {
 }
 
 /// Everything between stop and relaunch, in DESIGN's order, under the tree lock. `backup` gets
-/// the backup's path as soon as there is one (for the history, even when a later step fails).
+/// the backup's path as soon as there is one (for the history, even when a later step fails);
+/// `ahead`, the backup begun while the node ran, if it was.
 pub async fn perform(
     config: &Config,
     layout: &Layout,
     plan: &PlanInfo,
     cancel: &Cancel,
     backup: &mut Option<PathBuf>,
+    ahead: Option<backup::Ahead>,
 ) -> Result<(), UpgradeError> {
     let dir = tree::upgrade_dir(&plan.name, config.recase);
     let (name, height) = (plan.name.as_str(), plan.height);
@@ -205,6 +207,7 @@ pub async fn perform(
                 &from_stage,
                 recase,
                 &flag,
+                ahead,
             )
         })
         .await
@@ -218,13 +221,17 @@ pub async fn perform(
         info!(
             upgrade = %name,
             height,
-            "backed up data to {} in {}: {} table files linked ({} bytes), {} files copied ({} bytes)",
+            "backed up data to {} in {}: {} table files linked ({} bytes), {} files copied ({} bytes){}",
             record.path.display(),
             record.took(),
             record.files_linked,
             record.bytes_linked,
             record.files_copied,
-            record.bytes_copied
+            record.bytes_copied,
+            match record.files_linked_ahead {
+                0 => String::new(),
+                n => format!("; {n} of the tables were linked ahead, while the node ran"),
+            }
         );
         super::metrics::handle().backup_finished(record.bytes_copied);
         *backup = Some(record.path);

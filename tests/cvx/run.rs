@@ -1935,6 +1935,107 @@ fn a_backup_links_tables_and_stays_equal_to_data_at_the_halt_while_the_new_binar
 }
 
 #[test]
+fn a_backup_begun_ahead_of_a_known_height_is_equal_to_data_at_the_halt() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    lsm_data(&ctx);
+    // The manifest knows v2's height; the node compacts at every block until it halts there.
+    let manifest = scheduled_tree(
+        &ctx,
+        "--sim-block-time 100ms --sim-upgrade v2@25 --sim-compact application.db",
+        &[("v2", "--sim-handlers v2 --sim-exit-at 26 0", Some(25), "")],
+    );
+    // Runs after the backup, before the switch: data/ exactly as it was at the halt.
+    let snapshot = ctx.path("snapshot");
+    let hook = ctx.stage(
+        "snapshot.sh",
+        format!("#!/bin/sh\ncp -a data '{}'\n", snapshot.display()).as_bytes(),
+    );
+    executable(&hook);
+    let backups = ctx.path("backups");
+    let env = with_backups(
+        backups.to_str().unwrap(),
+        &[
+            ("COSMOVISOR_CUSTOM_PREUPGRADE", "snapshot.sh"),
+            ("CVX_MANIFEST", manifest.as_str()),
+        ],
+    );
+
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 0);
+
+    assert_eq!(applied(&ctx), ["v2"]);
+    assert!(
+        logged(&stderr, "v2", 25, "beginning the backup ahead"),
+        "{stderr}"
+    );
+    let taken = entries(&backups);
+    assert_eq!(taken.len(), 1, "nothing but the backup is left: {taken:?}");
+    let backup = backups.join(&taken[0]);
+    assert_eq!(contents(&backup), contents(&snapshot));
+    let list = cvx_json(&ctx, &["backup", "list"], 0);
+    let b = &list["backups"][0];
+    let (linked, ahead) = (
+        b["files_linked"].as_u64().unwrap(),
+        b["files_linked_ahead"].as_u64().unwrap(),
+    );
+    assert!(
+        0 < ahead && ahead < linked,
+        "some tables linked ahead, the newer ones at the halt: {list}"
+    );
+    assert!(
+        logged(
+            &stderr,
+            "v2",
+            25,
+            &format!("{ahead} of the tables were linked ahead")
+        ),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_backup_begun_ahead_is_removed_when_the_node_passes_the_height_without_halting() {
+    let ctx = Ctx::new();
+    let _reaper = Reaper(ctx.home.clone());
+    lsm_data(&ctx);
+    // The manifest says v2 halts at 12, but no such plan passed on chain: the node goes on.
+    let manifest = scheduled_tree(
+        &ctx,
+        "--sim-block-time 50ms --sim-exit-at 40 3",
+        &[("v2", "--sim-handlers v2", Some(12), "")],
+    );
+    let backups = ctx.path("backups");
+    let env = with_backups(
+        backups.to_str().unwrap(),
+        &[("CVX_MANIFEST", manifest.as_str())],
+    );
+
+    let (_, stderr) = run_cvx(&ctx, &env, &[], 3);
+
+    assert!(
+        logged(&stderr, "v2", 12, "beginning the backup ahead"),
+        "{stderr}"
+    );
+    assert!(
+        logged(
+            &stderr,
+            "v2",
+            12,
+            "past the upgrade's without halting: removing the backup begun ahead"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(entries(&backups), Vec::<String>::new());
+    assert_eq!(
+        fs::metadata(ctx.home.join("data/application.db/000005.ldb"))
+            .unwrap()
+            .nlink(),
+        1,
+        "no link to the node's tables is left"
+    );
+}
+
+#[test]
 fn a_table_modified_in_place_after_the_backup_makes_it_damaged_and_unrestorable() {
     let ctx = Ctx::new();
     let _reaper = Reaper(ctx.home.clone());
