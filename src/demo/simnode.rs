@@ -46,8 +46,9 @@ sim options (must come before the daemon's arguments):
   --sim-halt exit|stay                what `--halt-height H` (a daemon argument) does once H is
                                       committed: exit 0 (SDK <= 0.47), or stay up refusing the
                                       next block with the RPC alive (SDK 0.50; the default)
-  --sim-compact DIR                   as an LSM database in data/DIR compacts: a new table file at
-                                      each block, the oldest one deleted at every other block
+  --sim-compact DIR                   as an LSM database in data/DIR works: at each block a line
+                                      appended to its log (*.log) and a new table file, and at
+                                      every other block its oldest table deleted
 
 home: --home DIR in the daemon arguments, else $DAEMON_HOME";
 
@@ -795,13 +796,16 @@ fn serve(
 // ---------------------------------------------------------------------------------------------
 // files
 
-/// One step of an LSM database's compaction at `height`: a new table file, and at even heights
-/// the oldest one deleted.
+/// An LSM database's block at `height`: a line appended to its log, a new table file (a flush),
+/// and at even heights its oldest table deleted (a compaction).
 fn compact(db: &Path, height: u64) -> std::io::Result<()> {
-    let mut tables: Vec<String> = fs::read_dir(db)?
+    let names: Vec<String> = fs::read_dir(db)?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|name| name.ends_with(".ldb"))
         .collect();
+    if let Some(log) = names.iter().filter(|n| n.ends_with(".log")).max() {
+        append_line(&db.join(log), &format!("block {height}"))?;
+    }
+    let mut tables: Vec<&String> = names.iter().filter(|n| n.ends_with(".ldb")).collect();
     tables.sort();
     fs::write(
         db.join(format!("{:06}.ldb", 100_000 + height)),

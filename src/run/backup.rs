@@ -206,7 +206,10 @@ pub fn backup(
         (Ok(d), Ok(b)) => d.dev() == b.dev(),
         _ => false,
     };
-    let need = bytes_to_copy(&data, same_device).map_err(io_err("measure", &data))?;
+    // What was copied ahead already takes its room.
+    let need = bytes_to_copy(&data, same_device)
+        .map_err(io_err("measure", &data))?
+        .saturating_sub(made_ahead.map_or(0, |made| made.bytes));
     let stat = rustix::fs::statvfs(backup_dir)
         .map_err(|e| io_err("measure free space of", backup_dir)(e.into()))?;
     let free = stat.f_bavail.saturating_mul(stat.f_frsize);
@@ -275,11 +278,12 @@ pub struct Ahead {
     thread: Option<std::thread::JoinHandle<Made>>,
 }
 
-/// What linking ahead made: directories and links, and of these the links.
+/// What was made ahead: directories, links and copies; of these the links, and the bytes copied.
 #[derive(Debug, Default, Clone, Copy)]
 struct Made {
     entries: u64,
     tables: u64,
+    bytes: u64,
 }
 
 impl Ahead {
@@ -310,12 +314,20 @@ impl Ahead {
             .spawn(move || {
                 let started = Instant::now();
                 let mut made = Made::default();
-                match link_ahead(&data, &to, &flag, &mut made) {
+                // Copies ahead take room the node may need: only while plenty is left.
+                let copy = bytes_to_copy(&data, true).is_ok_and(|need| {
+                    let parent = to.parent().unwrap_or(&to);
+                    rustix::fs::statvfs(parent).is_ok_and(|stat| {
+                        need <= stat.f_bavail.saturating_mul(stat.f_frsize) / 2
+                    })
+                });
+                match prepare(&data, &to, copy, &flag, &mut made) {
                     Ok(()) => tracing::info!(
                         upgrade,
                         height,
-                        "linked {} table files into the backup ahead, in {}",
+                        "linked {} table files into the backup ahead and copied {} bytes, in {}",
                         made.tables,
+                        made.bytes,
                         crate::duration::show(started.elapsed())
                     ),
                     Err(e) => tracing::info!(
@@ -365,9 +377,17 @@ impl Drop for Ahead {
     }
 }
 
-/// Mirror the directories of `from` into `to` and hard-link the table files of its databases,
-/// while the node runs: a table compacted away meanwhile is skipped (the backup sees to it).
-fn link_ahead(from: &Path, to: &Path, stop: &AtomicBool, made: &mut Made) -> io::Result<()> {
+/// Mirror the directories of `from` into `to`, hard-link the table files of its databases and,
+/// when `copy`, copy the other files, while the node runs. A file that changes or goes meanwhile
+/// is the backup's to bring up to date at the halt; each copy is synced now, so that at the halt
+/// only what changed since is written.
+fn prepare(
+    from: &Path,
+    to: &Path,
+    copy: bool,
+    stop: &AtomicBool,
+    made: &mut Made,
+) -> io::Result<()> {
     fs::DirBuilder::new().mode(0o700).create(to)?;
     made.entries += 1;
     let dirs = if is_database(from) {
@@ -382,7 +402,19 @@ fn link_ahead(from: &Path, to: &Path, stop: &AtomicBool, made: &mut Made) -> io:
         let entry = entry?;
         let (name, kind) = (entry.file_name(), entry.file_type()?);
         if kind.is_dir() {
-            link_ahead(&entry.path(), &to.join(&name), stop, made)?;
+            prepare(&entry.path(), &to.join(&name), copy, stop, made)?;
+            continue;
+        }
+        if copy && kind.is_file() && !(dirs.is_some() && is_table(&name, true)) {
+            match copy_ahead(&entry.path(), &to.join(&name), stop) {
+                Ok(bytes) => {
+                    made.entries += 1;
+                    made.bytes += bytes;
+                }
+                // Gone since the listing (a rotated log).
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             continue;
         }
         let Some(dirs) = dirs
@@ -414,6 +446,38 @@ fn link_ahead(from: &Path, to: &Path, stop: &AtomicBool, made: &mut Made) -> io:
         }
     }
     Ok(())
+}
+
+/// Copy `from` to the new file `to` while the node may write it, and sync it. The copy gets the
+/// source's time as read before the copy: a write during or after the copy makes the source
+/// newer than the copy's birth, which tells the backup at the halt to compare them.
+fn copy_ahead(from: &Path, to: &Path, stop: &AtomicBool) -> io::Result<u64> {
+    let meta = fs::metadata(from)?;
+    let mut source = File::open(from)?;
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(meta.mode() & 0o7777)
+        .open(to)?;
+    let mut bytes = 0;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "the halt came"));
+        }
+        let n = io::copy(&mut (&mut source).take(CHUNK), &mut out)?;
+        bytes += n;
+        if n < CHUNK {
+            break;
+        }
+    }
+    let now = SystemTime::now();
+    out.set_times(
+        fs::FileTimes::new()
+            .set_accessed(meta.accessed()?.min(now))
+            .set_modified(meta.modified()?.min(now)),
+    )?;
+    out.sync_all()?;
+    Ok(bytes)
 }
 
 /// Whether the file system clones the table `name` (XFS, btrfs). There the backup clones every
@@ -591,6 +655,43 @@ fn bytes_to_copy(path: &Path, same_device: bool) -> io::Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Make `out` hold the bytes of `source`, writing only the blocks that differ.
+fn patch(source: &mut File, out: &mut File, cancel: &AtomicBool) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const BLOCK: usize = 64 << 10;
+    let (mut want, mut have) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
+    let mut offset = 0u64;
+    loop {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+        }
+        let n = read_full(source, &mut want)?;
+        if n == 0 {
+            break;
+        }
+        let m = read_full(out, &mut have[..n])?;
+        if m != n || want[..n] != have[..n] {
+            out.write_all_at(&want[..n], offset)?;
+        }
+        offset += n as u64;
+    }
+    out.set_len(offset)
+}
+
+/// Read until `buf` is full or the file ends; the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Remove a file, a link or a whole directory.
@@ -921,6 +1022,9 @@ impl<'a> Copier<'a> {
             self.clear(to)?;
             std::os::unix::fs::symlink(fs::read_link(from)?, to)
         } else if file_type.is_file() {
+            if self.ahead.is_some() && self.update(from, to, &meta)? {
+                return Ok(());
+            }
             self.clear(to)?;
             let name = from.file_name().unwrap_or_default();
             if is_table(name, in_database) && self.share(from, to, &meta)? {
@@ -984,6 +1088,50 @@ impl<'a> Copier<'a> {
         }
         remove_any(&dirs.to_path.join(&name))?;
         Ok(false)
+    }
+
+    /// In a copy begun ahead: bring the copy of `from` made ahead at `to` up to date, writing only
+    /// what differs (a log appended since, a state file rewritten); false when there is none to
+    /// update. A copy whose size and time are still the source's, both older than the copy itself,
+    /// was not written since and is already durable.
+    fn update(&mut self, from: &Path, to: &Path, meta: &fs::Metadata) -> io::Result<bool> {
+        let copy = match fs::symlink_metadata(to) {
+            Ok(copy) => copy,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let modified = mtime_ns(meta);
+        // A link shares its bytes with data/ (more than one name): never written through. A time
+        // ahead of the clock is copied afresh, as it would be without the copy made ahead.
+        if !copy.is_file() || copy.nlink() != 1 || modified > now_ns() {
+            return Ok(false);
+        }
+        self.matched_ahead();
+        let born = copy.created().ok().map(|t| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as i128)
+        });
+        let unchanged = copy.len() == meta.len()
+            && mtime_ns(&copy) == modified
+            && born.is_some_and(|born| modified < born);
+        if !unchanged {
+            let mut out = fs::OpenOptions::new().read(true).write(true).open(to)?;
+            patch(&mut File::open(from)?, &mut out, self.cancel)?;
+            let now = SystemTime::now();
+            out.set_times(
+                fs::FileTimes::new()
+                    .set_accessed(meta.accessed()?.min(now))
+                    .set_modified(meta.modified()?),
+            )?;
+            self.hold(out)?;
+        }
+        if copy.mode() & 0o7777 != meta.mode() & 0o7777 {
+            fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+        }
+        self.bytes_copied += meta.len();
+        self.files_copied += 1;
+        self.newest_ns = self.newest_ns.max(modified);
+        Ok(true)
     }
 
     /// In a copy begun ahead, remove what is at `to` before writing there: only a table linked
@@ -1133,6 +1281,7 @@ impl<'a> Copier<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn plan(name: &str, height: u64) -> PlanInfo {
         PlanInfo {
@@ -1464,10 +1613,13 @@ mod tests {
             fs::metadata(db.join("000009.ldb")).unwrap().ino(),
             "tables linked while the node runs"
         );
-        assert!(
-            !partial.join("application.db/CURRENT").exists(),
-            "nothing but tables ahead"
+        let wal = partial.join("application.db/000007.log");
+        assert_eq!(
+            fs::read(&wal).unwrap(),
+            vec![7u8; 100_000],
+            "the rest copied"
         );
+        let copied_ahead = fs::metadata(&wal).unwrap().ino();
 
         // The node runs on until the halt: it compacts, flushes, drops a database, adds one.
         fs::remove_file(db.join("000005.ldb")).unwrap();
@@ -1475,6 +1627,20 @@ mod tests {
         fs::remove_file(db.join("000006.sst")).unwrap();
         fs::write(db.join("000006.sst"), vec![66u8; 500]).unwrap();
         fs::write(db.join("CURRENT"), "MANIFEST-000011\n").unwrap();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(db.join("000007.log"))
+            .unwrap()
+            .write_all(b"appended")
+            .unwrap();
+        // Rewritten in place, the same size: only the bytes tell.
+        fs::OpenOptions::new()
+            .write(true)
+            .open(db.join("MANIFEST-000004"))
+            .unwrap()
+            .write_all_at(b"edit", 500)
+            .unwrap();
+        fs::remove_file(data.join("loose.sst")).unwrap();
         fs::remove_dir_all(&old).unwrap();
         let snapshots = data.join("snapshots/metadata.db");
         fs::create_dir_all(&snapshots).unwrap();
@@ -1505,6 +1671,11 @@ mod tests {
         assert_same_tree(&data, &record.path);
         let backed = record.path.join("application.db");
         assert_eq!(
+            fs::metadata(backed.join("000007.log")).unwrap().ino(),
+            copied_ahead,
+            "the copy made ahead, brought up to date"
+        );
+        assert_eq!(
             fs::metadata(backed.join("000006.sst")).unwrap().ino(),
             fs::metadata(db.join("000006.sst")).unwrap().ino(),
             "a name that holds another file now is linked to it"
@@ -1520,8 +1691,8 @@ mod tests {
             "000008.ldb, unchanged since it was linked ahead, is not linked again"
         );
         assert_eq!(
-            record.files_copied, 6,
-            "CURRENT twice, MANIFEST, the WAL, loose.sst and the table dated ahead"
+            record.files_copied, 5,
+            "CURRENT twice, MANIFEST, the WAL and the table dated ahead"
         );
         assert_eq!(record.damage().unwrap(), None);
         let left: Vec<_> = fs::read_dir(&backups)
