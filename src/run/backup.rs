@@ -232,10 +232,7 @@ pub fn backup(
     }
     let mut copier = Copier::new(cancel, same_device);
     if let Some(made) = made_ahead {
-        copier.ahead = Some(Reconcile {
-            made: made.entries,
-            matched: 0,
-        });
+        copier.ahead = true;
         if made.tables > 0 {
             // Linking ahead found that tables are hard-linked here, not cloned.
             copier.sharing = Sharing::HardLink;
@@ -278,10 +275,9 @@ pub struct Ahead {
     thread: Option<std::thread::JoinHandle<Made>>,
 }
 
-/// What was made ahead: directories, links and copies; of these the links, and the bytes copied.
+/// What was made ahead: the tables linked and the bytes copied.
 #[derive(Debug, Default, Clone, Copy)]
 struct Made {
-    entries: u64,
     tables: u64,
     bytes: u64,
 }
@@ -389,7 +385,6 @@ fn prepare(
     made: &mut Made,
 ) -> io::Result<()> {
     fs::DirBuilder::new().mode(0o700).create(to)?;
-    made.entries += 1;
     let dirs = if is_database(from) {
         Some(Dirs::open(from, to)?)
     } else {
@@ -407,10 +402,7 @@ fn prepare(
         }
         if copy && kind.is_file() && !(dirs.is_some() && is_table(&name, true)) {
             match copy_ahead(&entry.path(), &to.join(&name), stop) {
-                Ok(bytes) => {
-                    made.entries += 1;
-                    made.bytes += bytes;
-                }
+                Ok(bytes) => made.bytes += bytes,
                 // Gone since the listing (a rotated log).
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
@@ -436,16 +428,14 @@ fn prepare(
             &name,
             rustix::fs::AtFlags::empty(),
         ) {
-            Ok(()) => {
-                made.entries += 1;
-                made.tables += 1;
-            }
+            Ok(()) => made.tables += 1,
             // Compacted away since the listing.
             Err(rustix::io::Errno::NOENT) => {}
             Err(e) => return Err(e.into()),
         }
     }
-    Ok(())
+    // Its links durable now: the halt's sync then commits only what changed since.
+    sync_dir(to)
 }
 
 /// Copy `from` to the new file `to` while the node may write it, and sync it. The copy gets the
@@ -703,23 +693,6 @@ fn remove_any(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Remove from the copy `to` whatever `from` no longer has.
-fn remove_stale(from: &Path, to: &Path) -> io::Result<()> {
-    for entry in fs::read_dir(to)? {
-        let entry = entry?;
-        let source = from.join(entry.file_name());
-        match fs::symlink_metadata(&source) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => remove_any(&entry.path())?,
-            Ok(meta) if meta.is_dir() && entry.file_type()?.is_dir() => {
-                remove_stale(&source, &entry.path())?
-            }
-            Ok(_) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -748,15 +721,7 @@ struct Copier<'a> {
     /// Where hard links of table files go while `walk` runs: to a thread of their own.
     linker: Option<mpsc::SyncSender<Link>>,
     /// Set when the copy was begun ahead, while the node ran: it is brought up to date.
-    ahead: Option<Reconcile>,
-}
-
-/// Bringing a copy begun ahead up to date: the entries made ahead (directories and table links),
-/// and how many of them the walk found still right. When all are, nothing is left to remove.
-#[derive(Debug, Clone, Copy)]
-struct Reconcile {
-    made: u64,
-    matched: u64,
+    ahead: bool,
 }
 
 /// A database directory and its copy, open, for links relative to them.
@@ -878,7 +843,7 @@ impl<'a> Copier<'a> {
             unsynced: Vec::new(),
             dirs: Vec::new(),
             linker: None,
-            ahead: None,
+            ahead: false,
         }
     }
 
@@ -902,16 +867,10 @@ impl<'a> Copier<'a> {
         let result = (|| {
             match fs::symlink_metadata(from) {
                 Ok(_) => self.walk(from, partial)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && self.ahead.is_none() => {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !self.ahead => {
                     fs::DirBuilder::new().mode(0o700).create(partial)?;
                 }
                 Err(e) => return Err(e),
-            }
-            if let Some(ahead) = self.ahead
-                && ahead.matched != ahead.made
-            {
-                // Tables the node deleted since they were linked ahead (compacted away).
-                remove_stale(from, partial)?;
             }
             // The copy durable first, then its final name: a crash leaves a partial name or a
             // complete backup, never a complete-looking name on missing bytes.
@@ -973,15 +932,20 @@ impl<'a> Copier<'a> {
             // follows on this thread.
             let mut rest = Vec::new();
             let now = now_ns();
+            // In a copy begun ahead: the names here now, to remove what the node deleted since.
+            let mut names = self.ahead.then(std::collections::HashSet::new);
             for entry in fs::read_dir(from)? {
                 let entry = entry?;
                 let name = entry.file_name();
+                if let Some(names) = &mut names {
+                    names.insert(name.clone());
+                }
                 if !(is_table(&name, database) && entry.file_type()?.is_file()) {
                     rest.push(entry);
                     continue;
                 }
                 if let Some(dirs) = &dirs
-                    && self.ahead.is_some()
+                    && self.ahead
                     && self.sharing == Sharing::HardLink
                     && self.linked_ahead(dirs, &entry, now)?
                 {
@@ -1015,6 +979,16 @@ impl<'a> Copier<'a> {
             for entry in rest {
                 self.copy_tree(&entry.path(), &to.join(entry.file_name()), database)?;
             }
+            if let Some(names) = names {
+                // Tables compacted away, logs rotated, directories dropped since. The linker may
+                // still be adding links here, all of them under names in the set.
+                for entry in fs::read_dir(to)? {
+                    let entry = entry?;
+                    if !names.contains(&entry.file_name()) {
+                        remove_any(&entry.path())?;
+                    }
+                }
+            }
             fs::set_permissions(to, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
             self.dirs.push(to.to_path_buf());
             Ok(())
@@ -1022,7 +996,7 @@ impl<'a> Copier<'a> {
             self.clear(to)?;
             std::os::unix::fs::symlink(fs::read_link(from)?, to)
         } else if file_type.is_file() {
-            if self.ahead.is_some() && self.update(from, to, &meta)? {
+            if self.ahead && self.update(from, to, &meta)? {
                 return Ok(());
             }
             self.clear(to)?;
@@ -1043,9 +1017,8 @@ impl<'a> Copier<'a> {
     /// Create the directory `to`; in a copy begun ahead, it may be there already.
     fn make_dir(&mut self, to: &Path) -> io::Result<()> {
         match fs::DirBuilder::new().mode(0o700).create(to) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && self.ahead.is_some() => {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && self.ahead => {
                 if fs::symlink_metadata(to)?.is_dir() {
-                    self.matched_ahead();
                     Ok(())
                 } else {
                     remove_any(to)?;
@@ -1053,12 +1026,6 @@ impl<'a> Copier<'a> {
                 }
             }
             made => made,
-        }
-    }
-
-    fn matched_ahead(&mut self) {
-        if let Some(ahead) = &mut self.ahead {
-            ahead.matched += 1;
         }
     }
 
@@ -1079,7 +1046,6 @@ impl<'a> Copier<'a> {
             rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile;
         // Dated ahead of the clock: copied instead, as when nothing was linked ahead.
         if file && stat.st_ino == entry.ino() && mtime <= now {
-            self.matched_ahead();
             self.bytes_linked += stat.st_size as u64;
             self.files_linked += 1;
             self.files_linked_ahead += 1;
@@ -1106,7 +1072,6 @@ impl<'a> Copier<'a> {
         if !copy.is_file() || copy.nlink() != 1 || modified > now_ns() {
             return Ok(false);
         }
-        self.matched_ahead();
         let born = copy.created().ok().map(|t| {
             t.duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i128)
@@ -1138,7 +1103,7 @@ impl<'a> Copier<'a> {
     /// ahead can be, under a name that is no longer a table's (its database lost `CURRENT`).
     fn clear(&self, to: &Path) -> io::Result<()> {
         match fs::symlink_metadata(to) {
-            Ok(_) if self.ahead.is_some() => remove_any(to),
+            Ok(_) if self.ahead => remove_any(to),
             _ => Ok(()),
         }
     }
