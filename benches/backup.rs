@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::{
-    Result, cpu_model, cvx_run_start, load_average, percentile, read_stamps, write_executable,
+    Result, cpu_model, cvx_run_start, load_average, percentile, read_stamps, rpc_config,
+    write_executable,
 };
 
 const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
@@ -185,20 +186,6 @@ fn lsm_data(data: &Path, mib: u64, table: usize) -> Result<(usize, (u64, u64))> 
         other += *size as u64;
     }
     Ok((tables, ((tables * table) as u64, other)))
-}
-
-/// `[rpc] laddr` in the home's config.toml, on a free port.
-fn rpc_config(home: &Path) -> Result<()> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port: {e}"))?
-        .port();
-    fs::create_dir_all(home.join("config")).map_err(|e| e.to_string())?;
-    fs::write(
-        home.join("config/config.toml"),
-        format!("[rpc]\nladdr = \"tcp://127.0.0.1:{port}\"\n"),
-    )
-    .map_err(|e| e.to_string())
 }
 
 /// A manifest pinning both builds, with v2's height.

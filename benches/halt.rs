@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 mod support;
 
 use support::{
-    Result, cpu_model, cvx_run_start, load_average, percentile, read_stamps, write_executable,
+    Result, cpu_model, cvx_run_start, load_average, percentile, read_stamps, rpc_config,
+    write_executable,
 };
 
 const SIMNODE: &str = env!("CARGO_BIN_EXE_simnode");
@@ -86,16 +87,7 @@ fn flavour_run(flavour: &str) -> Result<Vec<f64>> {
     let stamps = dir.path().join("stamps");
     let root = home.join("cosmovisor");
     fs::create_dir_all(&stamps).map_err(|e| format!("{}: {e}", stamps.display()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port: {e}"))?
-        .port();
-    fs::create_dir_all(home.join("config")).map_err(|e| e.to_string())?;
-    fs::write(
-        home.join("config/config.toml"),
-        format!("[rpc]\nladdr = \"tcp://127.0.0.1:{port}\"\n"),
-    )
-    .map_err(|e| e.to_string())?;
+    rpc_config(&home)?;
 
     let platform = cvx::cli::host_platform();
     let mut manifest = format!("[chain]\nid = \"bench-1\"\ndaemon = \"{DAEMON}\"\n");

@@ -79,8 +79,8 @@ const SCRAPE_EVERY: Duration = Duration::from_millis(250);
 mod support;
 
 use support::{
-    Result, cpu_model, cvx_run_start, load_average, now_ns, percentile, read_stamps,
-    write_executable,
+    Result, cpu_model, cvx_run_start, free_port, load_average, now_ns, percentile, read_stamps,
+    rpc_config, write_executable,
 };
 
 fn main() -> ExitCode {
@@ -370,11 +370,7 @@ fn metrics_setup(dir: &Path, pins: &[String]) -> Result<(PathBuf, String)> {
     }
     let manifest = dir.join("cvx.toml");
     fs::write(&manifest, text).map_err(|e| format!("cannot write {}: {e}", manifest.display()))?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port: {e}"))?
-        .port();
-    Ok((manifest, format!("127.0.0.1:{port}")))
+    Ok((manifest, format!("127.0.0.1:{}", free_port()?)))
 }
 
 /// GET /metrics over plain HTTP/1.1; the body of a 200.
@@ -502,18 +498,7 @@ fn scenario_run(scenario: Scenario) -> Result<Outcome> {
     std::os::unix::fs::symlink(cvx::tree::GENESIS, layout.current())
         .map_err(|e| format!("cannot link current: {e}"))?;
     if rpc {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("cannot find a free port: {e}"))?
-            .port();
-        let config = home.join("config").join("config.toml");
-        fs::create_dir_all(config.parent().expect("in config/"))
-            .map_err(|e| format!("cannot create config/: {e}"))?;
-        fs::write(
-            &config,
-            format!("[rpc]\nladdr = \"tcp://127.0.0.1:{port}\"\n"),
-        )
-        .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        rpc_config(&home)?;
     }
 
     let metrics = if scenario == Scenario::Metrics {

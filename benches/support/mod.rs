@@ -89,3 +89,23 @@ pub fn cvx_run_start(cvx: &Path, home: &Path, daemon: &str) -> Command {
         .env("DAEMON_NAME", daemon);
     command
 }
+
+/// A port free on loopback now.
+pub fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("cannot find a free port: {e}"))
+}
+
+/// `[rpc] laddr` in `home`'s config/config.toml, on a free port, where simnode serves its RPC and
+/// cvx reads it.
+pub fn rpc_config(home: &Path) -> Result<()> {
+    let config = home.join("config").join("config.toml");
+    fs::create_dir_all(home.join("config")).map_err(|e| format!("cannot create config/: {e}"))?;
+    fs::write(
+        &config,
+        format!("[rpc]\nladdr = \"tcp://127.0.0.1:{}\"\n", free_port()?),
+    )
+    .map_err(|e| format!("cannot write {}: {e}", config.display()))
+}

@@ -1275,6 +1275,11 @@ mod tests {
 
     /// The backup before v2 at height 7, taken while genesis runs, uninterrupted.
     fn back_up(home: &Path, backups: &Path) -> Record {
+        back_up_ahead(home, backups, None)
+    }
+
+    /// The same, given what was begun ahead.
+    fn back_up_ahead(home: &Path, backups: &Path, ahead: Option<Ahead>) -> Record {
         let go = AtomicBool::new(false);
         let layout = Layout::new(home);
         backup(
@@ -1285,7 +1290,7 @@ mod tests {
             "genesis",
             true,
             &go,
-            None,
+            ahead,
         )
         .unwrap()
     }
@@ -1619,19 +1624,7 @@ mod tests {
             .set_modified(SystemTime::now() + Duration::from_secs(86_400))
             .unwrap();
 
-        let go = AtomicBool::new(false);
-        let layout = Layout::new(&home);
-        let record = backup(
-            &home,
-            &backups,
-            &layout,
-            &plan("v2", 7),
-            "genesis",
-            true,
-            &go,
-            Some(ahead),
-        )
-        .unwrap();
+        let record = back_up_ahead(&home, &backups, Some(ahead));
 
         assert_same_tree(&data, &record.path);
         let backed = record.path.join("application.db");
@@ -1690,18 +1683,7 @@ mod tests {
         let other = partial_path(&backups, &plan("v3", 9), true);
         assert!(other.join("application.db/000005.ldb").exists());
 
-        let go = AtomicBool::new(false);
-        let record = backup(
-            &home,
-            &backups,
-            &Layout::new(&home),
-            &plan("v2", 7),
-            "genesis",
-            true,
-            &go,
-            Some(ahead),
-        )
-        .unwrap();
+        let record = back_up_ahead(&home, &backups, Some(ahead));
 
         assert!(!other.exists(), "begun for v3: removed");
         assert!(

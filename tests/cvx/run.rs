@@ -1871,6 +1871,18 @@ fn cvx_json(ctx: &Ctx, args: &[&str], code: i32) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
+/// Stage `snapshot.sh`, a COSMOVISOR_CUSTOM_PREUPGRADE script copying data/ to the path returned:
+/// it runs after the backup, before the switch, so the copy is data/ exactly as it was at the halt.
+fn snapshot_at_the_halt(ctx: &Ctx) -> PathBuf {
+    let snapshot = ctx.path("snapshot");
+    let hook = ctx.stage(
+        "snapshot.sh",
+        format!("#!/bin/sh\ncp -a data '{}'\n", snapshot.display()).as_bytes(),
+    );
+    executable(&hook);
+    snapshot
+}
+
 #[test]
 fn a_backup_links_tables_and_stays_equal_to_data_at_the_halt_while_the_new_binary_writes() {
     let ctx = Ctx::new();
@@ -1894,13 +1906,7 @@ fn a_backup_links_tables_and_stays_equal_to_data_at_the_halt_while_the_new_binar
             "--sim-handlers v2 --sim-exit-at 5 0",
         ),
     );
-    // Runs after the backup, before the switch: data/ exactly as it was at the halt.
-    let snapshot = ctx.path("snapshot");
-    let hook = ctx.stage(
-        "snapshot.sh",
-        format!("#!/bin/sh\ncp -a data '{}'\n", snapshot.display()).as_bytes(),
-    );
-    executable(&hook);
+    let snapshot = snapshot_at_the_halt(&ctx);
     let backups = ctx.path("backups");
     let env = with_backups(
         backups.to_str().unwrap(),
@@ -1945,13 +1951,7 @@ fn a_backup_begun_ahead_of_a_known_height_is_equal_to_data_at_the_halt() {
         "--sim-block-time 100ms --sim-upgrade v2@25 --sim-compact application.db",
         &[("v2", "--sim-handlers v2 --sim-exit-at 26 0", Some(25), "")],
     );
-    // Runs after the backup, before the switch: data/ exactly as it was at the halt.
-    let snapshot = ctx.path("snapshot");
-    let hook = ctx.stage(
-        "snapshot.sh",
-        format!("#!/bin/sh\ncp -a data '{}'\n", snapshot.display()).as_bytes(),
-    );
-    executable(&hook);
+    let snapshot = snapshot_at_the_halt(&ctx);
     let backups = ctx.path("backups");
     let env = with_backups(
         backups.to_str().unwrap(),
