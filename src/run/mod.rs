@@ -319,6 +319,11 @@ impl Prepared {
         let Some(plan) = &self.plan else {
             return;
         };
+        if detector.skip.contains(&plan.height) {
+            // --unsafe-skip-upgrades: the node will not halt there.
+            self.plan = None;
+            return;
+        }
         let height = match detector.recent_height() {
             Some(height) => height,
             None => match detector.node_height().await {
@@ -335,7 +340,7 @@ impl Prepared {
             self.plan = None;
         } else if !self.begun && height + AHEAD_BLOCKS >= plan.height {
             self.begun = true;
-            info!(upgrade = %plan.name, height = plan.height, "the node is at height {height}: beginning the backup ahead, linking the table files while it runs");
+            info!(upgrade = %plan.name, height = plan.height, "the node is at height {height}: beginning the backup ahead, while it runs");
             self.ahead =
                 backup::Ahead::start(&config.home, &config.backup_dir, plan, config.recase);
         }
