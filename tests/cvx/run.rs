@@ -1948,7 +1948,7 @@ fn a_backup_begun_ahead_of_a_known_height_is_equal_to_data_at_the_halt() {
     // The manifest knows v2's height; the node compacts at every block until it halts there.
     let manifest = scheduled_tree(
         &ctx,
-        "--sim-block-time 100ms --sim-upgrade v2@25 --sim-compact application.db",
+        "--sim-block-time 150ms --sim-upgrade v2@25 --sim-compact application.db",
         &[("v2", "--sim-handlers v2 --sim-exit-at 26 0", Some(25), "")],
     );
     let snapshot = snapshot_at_the_halt(&ctx);
