@@ -439,8 +439,8 @@ fn prepare(
 }
 
 /// Copy `from` to the new file `to` while the node may write it, and sync it. The copy gets the
-/// source's time as read before the copy: a write during or after the copy makes the source
-/// newer than the copy's birth, which tells the backup at the halt to compare them.
+/// source's time as read before the copy; a write during or after the copy sets the source's
+/// change time at or after the copy's birth, which tells the backup at the halt to compare them.
 fn copy_ahead(from: &Path, to: &Path, stop: &AtomicBool) -> io::Result<u64> {
     let meta = fs::metadata(from)?;
     let mut source = File::open(from)?;
@@ -1058,8 +1058,8 @@ impl<'a> Copier<'a> {
 
     /// In a copy begun ahead: bring the copy of `from` made ahead at `to` up to date, writing only
     /// what differs (a log appended since, a state file rewritten); false when there is none to
-    /// update. A copy whose size and time are still the source's, both older than the copy itself,
-    /// was not written since and is already durable.
+    /// update. A copy whose size and time are still the source's, with the source unchanged since
+    /// before the copy was made, is left as it is: it was synced when made.
     fn update(&mut self, from: &Path, to: &Path, meta: &fs::Metadata) -> io::Result<bool> {
         let copy = match fs::symlink_metadata(to) {
             Ok(copy) => copy,
@@ -1076,9 +1076,12 @@ impl<'a> Copier<'a> {
             t.duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as i128)
         });
+        // Every write, and a rename over the name, sets the source's change time (ctime), which
+        // nothing can set back: one older than the copy's birth means no change since it.
+        let changed = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
         let unchanged = copy.len() == meta.len()
             && mtime_ns(&copy) == modified
-            && born.is_some_and(|born| modified < born);
+            && born.is_some_and(|born| changed < born);
         if !unchanged {
             let mut out = fs::OpenOptions::new().read(true).write(true).open(to)?;
             patch(&mut File::open(from)?, &mut out, self.cancel)?;
@@ -1566,6 +1569,8 @@ mod tests {
         let db = data.join("application.db");
         fs::write(db.join("000008.ldb"), vec![8u8; 100]).unwrap();
         fs::write(db.join("000009.ldb"), vec![9u8; 1000]).unwrap();
+        let state = data.join("state.json");
+        fs::write(&state, "{\"height\":\"6\"}").unwrap();
         let old = data.join("old.db");
         fs::create_dir_all(&old).unwrap();
         fs::write(old.join("CURRENT"), "MANIFEST-000001\n").unwrap();
@@ -1611,6 +1616,17 @@ mod tests {
             .write_all_at(b"edit", 500)
             .unwrap();
         fs::remove_file(data.join("loose.sst")).unwrap();
+        // Replaced by a rename, the same size and time: only the change time tells.
+        let written = fs::metadata(&state).unwrap().modified().unwrap();
+        let next = data.join("state.json.tmp");
+        fs::write(&next, "{\"height\":\"7\"}").unwrap();
+        File::options()
+            .write(true)
+            .open(&next)
+            .unwrap()
+            .set_modified(written)
+            .unwrap();
+        fs::rename(&next, &state).unwrap();
         fs::remove_dir_all(&old).unwrap();
         let snapshots = data.join("snapshots/metadata.db");
         fs::create_dir_all(&snapshots).unwrap();
@@ -1649,8 +1665,8 @@ mod tests {
             "000008.ldb, unchanged since it was linked ahead, is not linked again"
         );
         assert_eq!(
-            record.files_copied, 5,
-            "CURRENT twice, MANIFEST, the WAL and the table dated ahead"
+            record.files_copied, 6,
+            "CURRENT twice, MANIFEST, the WAL, the state and the table dated ahead"
         );
         assert_eq!(record.damage().unwrap(), None);
         let left: Vec<_> = fs::read_dir(&backups)
