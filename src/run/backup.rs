@@ -5,7 +5,9 @@
 //! they are reflinked where the file system can (XFS, btrfs) and hard-linked otherwise; everything
 //! else (WALs, `MANIFEST-*`, `CURRENT`, `LOG`, JSON state, `cs.wal/`, anything unknown) is copied.
 //! Where linking fails (another file system, permissions) the file is copied. The time then grows
-//! with the number of files and the bytes of mutable files, not with the size of the chain.
+//! with the number of files and the bytes of mutable files, not with the size of the chain. When
+//! the upgrade's height is known, the backup is begun ahead while the node runs ([`Ahead`]), and
+//! at the halt only what changed since is linked, removed or written.
 //!
 //! Safe: written under a temporary name, fsync'd, renamed to `data-backup-<date>-<upgrade>`, and
 //! recorded under `.cvx/backups/` (once per plan). A backup never changes once complete, so every
