@@ -19,7 +19,7 @@
 use crate::errors::io_err;
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -101,14 +101,79 @@ impl Record {
 }
 
 fn mtime_ns(meta: &fs::Metadata) -> i128 {
-    i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec())
+    ns(meta.mtime(), meta.mtime_nsec())
+}
+
+/// A file time (seconds and nanoseconds) in nanoseconds since the Unix epoch.
+fn ns(secs: i64, nanos: i64) -> i128 {
+    i128::from(secs) * 1_000_000_000 + i128::from(nanos)
+}
+
+/// `time` in nanoseconds since the Unix epoch.
+fn epoch_ns(time: SystemTime) -> i128 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 /// Now, in nanoseconds since the Unix epoch.
 fn now_ns() -> i128 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128)
+    epoch_ns(SystemTime::now())
+}
+
+/// An error when `cancel` is set: a signal came, or the halt (for work begun ahead).
+fn go_on(cancel: &AtomicBool) -> io::Result<()> {
+    if cancel.load(Ordering::Relaxed) {
+        Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether `a` and `b` are on one file system (so files can be linked from one to the other).
+fn same_device(a: &Path, b: &Path) -> bool {
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev(),
+        _ => false,
+    }
+}
+
+/// Copy `from`'s bytes to the new file `to` (with `meta`'s mode) in the kernel, chunk by chunk,
+/// looking at `cancel` between chunks; the copy, not yet synced, and its length.
+fn copy_bytes(
+    from: &Path,
+    to: &Path,
+    meta: &fs::Metadata,
+    cancel: &AtomicBool,
+) -> io::Result<(File, u64)> {
+    let mut source = File::open(from)?;
+    let mut out = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(meta.mode() & 0o7777)
+        .open(to)?;
+    let mut bytes = 0;
+    loop {
+        go_on(cancel)?;
+        // std copies File to File in the kernel (copy_file_range).
+        let n = io::copy(&mut (&mut source).take(CHUNK), &mut out)?;
+        bytes += n;
+        if n < CHUNK {
+            return Ok((out, bytes));
+        }
+    }
+}
+
+/// Give `out` `meta`'s access and modification times, as `cp -a` does, a time ahead of the clock
+/// becoming now (a backup's completion must be later than every file in it); the time set.
+fn keep_times(out: &File, meta: &fs::Metadata) -> io::Result<i128> {
+    let now = SystemTime::now();
+    let modified = meta.modified()?.min(now);
+    out.set_times(
+        fs::FileTimes::new()
+            .set_accessed(meta.accessed()?.min(now))
+            .set_modified(modified),
+    )?;
+    Ok(epoch_ns(modified))
 }
 
 /// A time on the file system's own clock that is later than `newest` (the newest mtime in the
@@ -204,10 +269,7 @@ pub fn backup(
         PARTIAL_PREFIX,
         made_ahead.map(|_| partial.as_path()),
     );
-    let same_device = match (fs::metadata(&data), fs::metadata(backup_dir)) {
-        (Ok(d), Ok(b)) => d.dev() == b.dev(),
-        _ => false,
-    };
+    let same_device = same_device(&data, backup_dir);
     // What was copied ahead already takes its room.
     let need = bytes_to_copy(&data, same_device)
         .map_err(io_err("measure", &data))?
@@ -291,11 +353,7 @@ impl Ahead {
         let data = data_dir(home);
         // As the backup itself would; a failure here is the backup's to report at the halt.
         let _ = fs::create_dir_all(backup_dir);
-        let same_device = match (fs::metadata(&data), fs::metadata(backup_dir)) {
-            (Ok(d), Ok(b)) => d.is_dir() && d.dev() == b.dev(),
-            _ => false,
-        };
-        if !same_device {
+        if !(data.is_dir() && same_device(&data, backup_dir)) {
             return None;
         }
         remove_partials(backup_dir, PARTIAL_PREFIX, None);
@@ -393,9 +451,7 @@ fn prepare(
         None
     };
     for entry in fs::read_dir(from)? {
-        if stop.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "the halt came"));
-        }
+        go_on(stop)?;
         let entry = entry?;
         let (name, kind) = (entry.file_name(), entry.file_type()?);
         if kind.is_dir() {
@@ -445,29 +501,8 @@ fn prepare(
 /// change time at or after the copy's birth, which tells the backup at the halt to compare them.
 fn copy_ahead(from: &Path, to: &Path, stop: &AtomicBool) -> io::Result<u64> {
     let meta = fs::metadata(from)?;
-    let mut source = File::open(from)?;
-    let mut out = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(meta.mode() & 0o7777)
-        .open(to)?;
-    let mut bytes = 0;
-    loop {
-        if stop.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "the halt came"));
-        }
-        let n = io::copy(&mut (&mut source).take(CHUNK), &mut out)?;
-        bytes += n;
-        if n < CHUNK {
-            break;
-        }
-    }
-    let now = SystemTime::now();
-    out.set_times(
-        fs::FileTimes::new()
-            .set_accessed(meta.accessed()?.min(now))
-            .set_modified(meta.modified()?.min(now)),
-    )?;
+    let (out, bytes) = copy_bytes(from, to, &meta, stop)?;
+    keep_times(&out, &meta)?;
     out.sync_all()?;
     Ok(bytes)
 }
@@ -513,10 +548,7 @@ pub fn restore(
     let parent = data.parent().unwrap_or(home);
     remove_partials(parent, RESTORE_PREFIX, None);
     let partial = parent.join(format!("{RESTORE_PREFIX}{}", std::process::id()));
-    let same_device = match (fs::metadata(parent), fs::metadata(&record.path)) {
-        (Ok(h), Ok(b)) => h.dev() == b.dev(),
-        _ => false,
-    };
+    let same_device = same_device(parent, &record.path);
     let never = AtomicBool::new(false);
     let mut copier = Copier::new(&never, same_device);
     // Build the restored tree completely before touching data/.
@@ -656,9 +688,7 @@ fn patch(source: &mut File, out: &mut File, cancel: &AtomicBool) -> io::Result<(
     let (mut want, mut have) = (vec![0u8; BLOCK], vec![0u8; BLOCK]);
     let mut offset = 0u64;
     loop {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
-        }
+        go_on(cancel)?;
         let n = read_full(source, &mut want)?;
         if n == 0 {
             break;
@@ -792,9 +822,7 @@ struct Linked {
 fn link_all(links: mpsc::Receiver<Link>, cancel: &AtomicBool) -> io::Result<Linked> {
     let mut linked = Linked::default();
     for link in links {
-        if cancel.load(Ordering::Relaxed) {
-            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
-        }
+        go_on(cancel)?;
         let (src, dst) = (&link.dirs.from, &link.dirs.to);
         match rustix::fs::linkat(
             src,
@@ -850,11 +878,7 @@ impl<'a> Copier<'a> {
     }
 
     fn check(&self) -> io::Result<()> {
-        if self.cancel.load(Ordering::Relaxed) {
-            Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"))
-        } else {
-            Ok(())
-        }
+        go_on(self.cancel)
     }
 
     /// `from` copied to `partial`, then renamed to `to` inside `parent`; on failure nothing is
@@ -869,7 +893,11 @@ impl<'a> Copier<'a> {
         let result = (|| {
             match fs::symlink_metadata(from) {
                 Ok(_) => self.walk(from, partial)?,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && !self.ahead => {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    if self.ahead {
+                        // data/ gone since the copy was begun ahead: nothing of it stays.
+                        fs::remove_dir_all(partial)?;
+                    }
                     fs::DirBuilder::new().mode(0o700).create(partial)?;
                 }
                 Err(e) => return Err(e),
@@ -1043,7 +1071,7 @@ impl<'a> Copier<'a> {
             Err(rustix::io::Errno::NOENT) => return Ok(false),
             Err(e) => return Err(e.into()),
         };
-        let mtime = i128::from(stat.st_mtime) * 1_000_000_000 + i128::from(stat.st_mtime_nsec);
+        let mtime = ns(stat.st_mtime, stat.st_mtime_nsec as i64);
         let file =
             rustix::fs::FileType::from_raw_mode(stat.st_mode) == rustix::fs::FileType::RegularFile;
         // Dated ahead of the clock: copied instead, as when nothing was linked ahead.
@@ -1074,25 +1102,17 @@ impl<'a> Copier<'a> {
         if !copy.is_file() || copy.nlink() != 1 || modified > now_ns() {
             return Ok(false);
         }
-        let born = copy.created().ok().map(|t| {
-            t.duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as i128)
-        });
+        let born = copy.created().ok().map(epoch_ns);
         // Every write, and a rename over the name, sets the source's change time (ctime), which
         // nothing can set back: one older than the copy's birth means no change since it.
-        let changed = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+        let changed = ns(meta.ctime(), meta.ctime_nsec());
         let unchanged = copy.len() == meta.len()
             && mtime_ns(&copy) == modified
             && born.is_some_and(|born| changed < born);
         if !unchanged {
             let mut out = fs::OpenOptions::new().read(true).write(true).open(to)?;
             patch(&mut File::open(from)?, &mut out, self.cancel)?;
-            let now = SystemTime::now();
-            out.set_times(
-                fs::FileTimes::new()
-                    .set_accessed(meta.accessed()?.min(now))
-                    .set_modified(meta.modified()?),
-            )?;
+            keep_times(&out, meta)?;
             self.hold(out)?;
         }
         if copy.mode() & 0o7777 != meta.mode() & 0o7777 {
@@ -1107,9 +1127,12 @@ impl<'a> Copier<'a> {
     /// In a copy begun ahead, remove what is at `to` before writing there: only a table linked
     /// ahead can be, under a name that is no longer a table's (its database lost `CURRENT`).
     fn clear(&self, to: &Path) -> io::Result<()> {
-        match fs::symlink_metadata(to) {
-            Ok(_) if self.ahead => remove_any(to),
-            _ => Ok(()),
+        if !self.ahead {
+            return Ok(());
+        }
+        match remove_any(to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            cleared => cleared,
         }
     }
 
@@ -1162,36 +1185,11 @@ impl<'a> Copier<'a> {
     }
 
     fn copy_file(&mut self, from: &Path, to: &Path, meta: &fs::Metadata) -> io::Result<()> {
-        let mut source = File::open(from)?;
-        let mut out = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(meta.mode() & 0o7777)
-            .open(to)?;
-        loop {
-            self.check()?;
-            // std copies File to File in the kernel (copy_file_range), chunk by chunk.
-            let n = io::copy(&mut (&mut source).take(CHUNK), &mut out)?;
-            self.bytes_copied += n;
-            if n < CHUNK {
-                break;
-            }
-        }
-        out.flush()?;
-        // The source's times, as `cp -a` keeps them: the backup's newest time is then the node's
-        // last write, long enough ago that completion needs no wait for the file system's clock.
-        // A time ahead of the clock becomes now: completion must be later than every file.
-        let now = SystemTime::now();
-        let modified = meta.modified()?.min(now);
-        out.set_times(
-            fs::FileTimes::new()
-                .set_accessed(meta.accessed()?.min(now))
-                .set_modified(modified),
-        )?;
-        let modified = modified
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as i128);
-        self.newest_ns = self.newest_ns.max(modified);
+        let (out, bytes) = copy_bytes(from, to, meta, self.cancel)?;
+        self.bytes_copied += bytes;
+        // The source's times: the backup's newest time is then the node's last write, long
+        // enough ago that completion needs no wait for the file system's clock.
+        self.newest_ns = self.newest_ns.max(keep_times(&out, meta)?);
         self.files_copied += 1;
         // Start writing the copy to disk now rather than at the final sync; its pages are not
         // needed in the cache (nothing reads a backup until a rollback).
@@ -1251,6 +1249,7 @@ impl<'a> Copier<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::os::unix::fs::FileExt;
 
     fn plan(name: &str, height: u64) -> PlanInfo {
